@@ -1,0 +1,1 @@
+"""Inference backends behind the gateway: native torch and HTTP upstreams (vLLM, LMDeploy, Ollama, OpenAI)."""

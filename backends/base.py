@@ -1,0 +1,95 @@
+"""The contract between the gateway and an inference engine.
+
+A backend receives a prompt the gateway has already rendered and tokenized, and streams back what it generates.
+It never sees chat messages or templates: that keeps every backend answering the same way for the same prompt.
+
+Errors: a backend raises only ``gateway.errors.GatewayError`` subclasses. Foreign exceptions (httpx, torch) are
+translated at the backend's edge, e.g. ``raise UpstreamError("...") from exc``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. ``temperature == 0`` means greedy; ``stop_token_ids`` end generation when sampled."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = disabled
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # stop strings; the gateway also enforces them across token boundaries
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One completion to produce. ``adapter`` is the LoRA name, or ``None`` for the base model."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    prompt_text: str
+    adapter: str | None
+    sampling: SamplingParams
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A piece of output.
+
+    Native backends fill ``token_ids`` and leave ``text`` as ``None``: the gateway detokenizes incrementally.
+    Upstream backends that only return text fill ``text`` (and ``token_ids`` when the upstream reports them).
+    The last delta of a stream has ``finish_reason`` set; upstreams may report their own token counts in
+    ``prompt_tokens`` / ``completion_tokens`` on it.
+    """
+
+    token_ids: tuple[int, ...] = ()
+    text: str | None = None
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do; the gateway consults this instead of probing."""
+
+    runtime_adapters: bool = False  # load_adapter / unload_adapter work while serving
+    token_ids_in: bool = True  # accepts prompt token ids (otherwise the rendered text is sent)
+    token_ids_out: bool = True  # reports generated token ids
+    max_context: int | None = None
+
+
+@dataclass(frozen=True)
+class Health:
+    ok: bool
+    detail: str = ""
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    capabilities: Capabilities
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """Stream the completion. Closing the iterator early (``aclose``) cancels the request."""
+        ...
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Make adapter ``name`` available; returns at once if it is already loaded from ``path``."""
+        ...
+
+    async def unload_adapter(self, name: str) -> None:
+        """Forget adapter ``name``; returns at once if it is not loaded."""
+        ...
+
+    async def health(self) -> Health: ...
+
+    async def aclose(self) -> None: ...
