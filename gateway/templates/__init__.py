@@ -23,3 +23,18 @@ __all__ = [
     "template_names",
     "to_conversation",
 ]
+
+from gateway.templates.chat_template import ChatTemplate, SlotTemplate  # noqa: E402
+from gateway.templates.parsing import OutputParser, ParsedDelta, ToolCall  # noqa: E402
+from gateway.templates.resolution import ResolvedTemplate, TemplateResolutionError, resolve_template  # noqa: E402
+
+__all__ += [
+    "ChatTemplate",
+    "OutputParser",
+    "ParsedDelta",
+    "ResolvedTemplate",
+    "SlotTemplate",
+    "TemplateResolutionError",
+    "ToolCall",
+    "resolve_template",
+]
