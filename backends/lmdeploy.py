@@ -1,0 +1,37 @@
+"""LMDeploy upstream (``lmdeploy serve api_server``, PyTorch engine with ``--adapters name=path``).
+
+Protocol facts (LMDeploy's ``/v1/completions``, ``lmdeploy/serve/openai``):
+
+* ``model`` other than the base model's name selects the adapter of that name; ``/v1/models`` lists the base
+  first, then the adapter names (no ``parent`` field). Adapters are fixed at server start: no runtime loading.
+* ``prompt`` is a string, or a *list of prompts* (a batch) -- not a list of token ids -- so we send the rendered
+  text, and ``/v1/completions`` never applies a chat template to it (``do_preprocess=False``).
+* Extensions we set: ``top_k`` (LMDeploy's default is 40, not "off"), ``skip_special_tokens``; ``stop`` is
+  honoured; ``stop_token_ids`` is not a field there (eos stops by itself, the gateway enforces stop strings).
+* Streaming: ``data: {json}\\n\\n`` chunks, with ``stream_options.include_usage`` a usage chunk with
+  ``choices: []``, then ``data: [DONE]``. Errors: flat ``{"object": "error", "message", "type", "code": <int>,
+  "param"}`` with the same status; an unknown model answers 404.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from backends.base import Capabilities, GenerationRequest
+from backends.completions import CompletionsBackend, sampling_fields
+
+
+class LMDeployBackend(CompletionsBackend):
+    capabilities = Capabilities(runtime_adapters=False, token_ids_in=False, token_ids_out=False)
+    engine = "lmdeploy"
+
+    def build_payload(self, request: GenerationRequest) -> dict[str, Any]:
+        return {
+            "model": self.model_for(request.adapter),
+            "prompt": request.prompt_text,
+            **sampling_fields(request),
+            "top_k": request.sampling.top_k,
+            "skip_special_tokens": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }

@@ -1,0 +1,42 @@
+"""Any OpenAI-compatible server with ``/v1/completions`` (``--backend openai``): llama.cpp's server, SGLang, TGI...
+
+Only standard OpenAI fields are sent. The prompt is the rendered text unless ``token_prompt=True`` (the OpenAI
+spec allows a list of token ids as ``prompt``; servers that honour it then see exactly the gateway's ids).
+Adapters must already be served under some model name: map them with ``served_adapters``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from backends.base import Capabilities, GenerationRequest
+from backends.completions import CompletionsBackend, sampling_fields
+from backends.upstream_pool import UpstreamPool
+
+
+class OpenAICompatBackend(CompletionsBackend):
+    engine = "openai"
+
+    def __init__(
+        self,
+        pool: UpstreamPool,
+        *,
+        base_model: str | None = None,
+        adapters: Mapping[str, str] | None = None,
+        served_adapters: Mapping[str, str] | None = None,
+        token_prompt: bool = False,
+    ) -> None:
+        super().__init__(pool, base_model=base_model, adapters=adapters, served_adapters=served_adapters)
+        self.token_prompt = token_prompt
+        self.capabilities = Capabilities(runtime_adapters=False, token_ids_in=token_prompt, token_ids_out=False)
+
+    def build_payload(self, request: GenerationRequest) -> dict[str, Any]:
+        prompt: Any = list(request.prompt_token_ids) if self.token_prompt else request.prompt_text
+        return {
+            "model": self.model_for(request.adapter),
+            "prompt": prompt,
+            **sampling_fields(request),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }

@@ -1,0 +1,255 @@
+"""A pool of interchangeable HTTP upstream replicas behind one shared ``httpx.AsyncClient``.
+
+Contract:
+
+* A request goes to the healthy replica with the fewest requests in flight (ties: the first configured).
+  Replicas marked unhealthy are tried only after every healthy one, so a recovered upstream is found again
+  without waiting for the next health check.
+* A replica that fails *before the first line of its answer* (connection refused, connect/first-byte timeout,
+  a 5xx status) is retried on the next replica. Once a line has been handed to the caller nothing is retried:
+  the failure surfaces as ``UpstreamError``.
+* Nothing reachable -> ``BackendUnavailable`` (503), as fast as the connect attempts fail.
+* 4xx answers are not retried; they are turned into our errors by the caller's ``ErrorMapper``.
+* Health checks run in a background task between ``start()`` and ``aclose()``; ``check_health()`` runs one round.
+
+Every foreign exception (httpx, timeouts, JSON) is translated here or in the protocol modules that use the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import httpx
+
+from backends.base import Health
+from gateway.errors import BackendUnavailable, GatewayError, UpstreamError
+
+ErrorMapper = Callable[[int, bytes], GatewayError]
+"""Turns an upstream error answer (HTTP status, raw body) into one of our errors."""
+
+
+def _deadline(seconds: float | None) -> AbstractAsyncContextManager[Any]:
+    """A cheap per-await timeout raising ``TimeoutError`` (asyncio.timeout on 3.11+, anyio before)."""
+    if sys.version_info >= (3, 11):
+        return asyncio.timeout(seconds)
+    return anyio.fail_after(seconds)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds. ``first_byte`` runs from the start of an attempt to the first line of the answer (prefill
+    included); ``idle`` is the longest silence allowed between two lines of a stream afterwards."""
+
+    connect: float = 2.0
+    first_byte: float = 120.0
+    idle: float = 60.0
+    request: float = 30.0  # whole non-streaming calls (model lists, adapter loads)
+    health: float = 2.0
+    health_interval: float = 5.0
+
+
+@dataclass
+class Replica:
+    """One upstream base URL and what the pool knows about it."""
+
+    url: str
+    healthy: bool = True
+    in_flight: int = 0
+    last_error: str = ""
+
+
+def default_error_mapper(status: int, body: bytes) -> GatewayError:
+    return UpstreamError(f"upstream answered HTTP {status}: {body[:200].decode('utf-8', 'replace')}")
+
+
+class UpstreamPool:
+    """Replicas of one upstream service. Build it, ``await start()``, use, ``await aclose()``."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        timeouts: Timeouts | None = None,
+        health_path: str = "/health",
+        headers: dict[str, str] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        max_connections: int = 1000,
+    ) -> None:
+        if not urls:
+            raise ValueError("an upstream pool needs at least one URL")
+        self.replicas = tuple(Replica(url.rstrip("/")) for url in urls)
+        self.timeouts = timeouts or Timeouts()
+        self.health_path = health_path
+        t = self.timeouts
+        # httpx's own read timeout is only a backstop; first-byte and idle limits are enforced per line below.
+        self._client = httpx.AsyncClient(
+            headers=headers,
+            transport=transport,
+            timeout=httpx.Timeout(
+                connect=t.connect, read=max(t.first_byte, t.idle) + 1, write=t.request, pool=t.connect
+            ),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        )
+        self._health_task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Run one health round now, then keep checking every ``health_interval`` seconds in the background."""
+        await self.check_health()
+        if self._health_task is None and self.timeouts.health_interval > 0:
+            self._health_task = asyncio.create_task(self._health_loop(), name="upstream-health")
+
+    async def aclose(self) -> None:
+        """Stop health checks and close every connection. Idempotent."""
+        task, self._health_task = self._health_task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        await self._client.aclose()
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.timeouts.health_interval)
+            await self.check_health()
+
+    async def check_health(self) -> None:
+        """Probe every replica's ``health_path`` concurrently; a 2xx marks it healthy."""
+        await asyncio.gather(*(self._probe(replica) for replica in self.replicas))
+
+    async def _probe(self, replica: Replica) -> None:
+        try:
+            response = await self._client.get(replica.url + self.health_path, timeout=self.timeouts.health)
+        except httpx.HTTPError as exc:
+            replica.healthy, replica.last_error = False, f"{type(exc).__name__}: {exc}"
+            return
+        replica.healthy = response.is_success
+        replica.last_error = "" if response.is_success else f"health check answered HTTP {response.status_code}"
+
+    def health(self) -> Health:
+        healthy = [r.url for r in self.replicas if r.healthy]
+        return Health(
+            ok=bool(healthy),
+            detail=f"{len(healthy)}/{len(self.replicas)} upstream replicas healthy",
+            extra={
+                r.url: {"healthy": r.healthy, "in_flight": r.in_flight, "error": r.last_error} for r in self.replicas
+            },
+        )
+
+    # ------------------------------------------------------------------ routing
+    def candidates(self) -> list[Replica]:
+        """Replicas in the order to try them: healthy by fewest in flight, then unhealthy ones."""
+        healthy = sorted((r for r in self.replicas if r.healthy), key=lambda r: r.in_flight)
+        return healthy + [r for r in self.replicas if not r.healthy]
+
+    def _mark_down(self, replica: Replica, exc: BaseException) -> None:
+        replica.healthy = False
+        replica.last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+    async def stream_lines(
+        self, path: str, payload: dict[str, Any], *, error_mapper: ErrorMapper = default_error_mapper
+    ) -> AsyncIterator[str]:
+        """POST ``payload`` as JSON and yield the answer line by line (blank lines included).
+
+        Retries on another replica until the first non-blank line arrives; never after. Closing the
+        iterator closes the upstream connection, which is how the upstream learns the request was cancelled.
+        """
+        failures: list[str] = []
+        answered: GatewayError | None = None  # the error of the last replica that answered with a 5xx
+        for replica in self.candidates():
+            replica.in_flight += 1
+            response: httpx.Response | None = None
+            try:
+                try:
+                    async with _deadline(self.timeouts.first_byte):
+                        request = self._client.build_request("POST", replica.url + path, json=payload)
+                        response = await self._client.send(request, stream=True)
+                        if response.status_code >= 400:
+                            body = await response.aread()
+                            error = error_mapper(response.status_code, body)
+                            if response.status_code < 500:
+                                raise error
+                            replica.last_error = f"HTTP {response.status_code}"
+                            failures.append(f"{replica.url}: HTTP {response.status_code}")
+                            answered = error
+                            continue
+                        lines = response.aiter_lines()
+                        blanks = 0
+                        first = await lines.__anext__()
+                        while not first.strip():
+                            blanks += 1
+                            first = await lines.__anext__()
+                except StopAsyncIteration:
+                    failures.append(f"{replica.url}: empty answer")
+                    answered = UpstreamError(f"upstream {replica.url} closed the stream without answering")
+                    continue
+                except (httpx.TransportError, TimeoutError) as exc:
+                    self._mark_down(replica, exc)
+                    failures.append(f"{replica.url}: {replica.last_error}")
+                    continue
+                replica.healthy = True
+                for _ in range(blanks):
+                    yield ""
+                yield first
+                while True:
+                    try:
+                        async with _deadline(self.timeouts.idle):
+                            line = await lines.__anext__()
+                    except StopAsyncIteration:
+                        return
+                    except TimeoutError as exc:
+                        raise UpstreamError(
+                            f"upstream {replica.url} sent nothing for {self.timeouts.idle:g}s mid-stream"
+                        ) from exc
+                    except httpx.HTTPError as exc:
+                        self._mark_down(replica, exc)
+                        raise UpstreamError(
+                            f"upstream {replica.url} broke off the stream: {replica.last_error}"
+                        ) from exc
+                    yield line
+            finally:
+                replica.in_flight -= 1
+                if response is not None:
+                    await response.aclose()
+        if answered is not None:
+            raise answered
+        raise BackendUnavailable("no upstream replica could be reached: " + "; ".join(failures))
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        content: Any = None,
+        replica: Replica | None = None,
+        error_mapper: ErrorMapper = default_error_mapper,
+        ok_statuses: tuple[int, ...] = (),
+    ) -> httpx.Response:
+        """One non-streaming call, to ``replica`` or to the best candidate (retried before any answer).
+
+        Returns the response when its status is 2xx or in ``ok_statuses``; otherwise raises ``error_mapper``'s error.
+        """
+        targets = [replica] if replica is not None else self.candidates()
+        failures: list[str] = []
+        for target in targets:
+            try:
+                response = await self._client.request(
+                    method, target.url + path, json=json, content=content, timeout=self.timeouts.request
+                )
+            except httpx.TransportError as exc:
+                self._mark_down(target, exc)
+                failures.append(f"{target.url}: {target.last_error}")
+                continue
+            if response.is_success or response.status_code in ok_statuses:
+                return response
+            raise error_mapper(response.status_code, response.content)
+        raise BackendUnavailable("no upstream replica could be reached: " + "; ".join(failures))

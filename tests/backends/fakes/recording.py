@@ -1,0 +1,71 @@
+"""What a fake upstream remembers: every request it received, and how it should misbehave next."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    body: Any
+
+
+@dataclass
+class Faults:
+    """Misbehaviour switches, read by the fakes on every generation request.
+
+    ``status``: answer this HTTP status with the engine's error body instead of generating.
+    ``error_after``: send an in-stream error object after this many pieces.
+    ``drop_after``: break the connection (no terminating chunk) after this many pieces.
+    ``delay_first``: seconds to wait before the first byte of the body; ``delay_each``: between pieces.
+    ``health_status``: what the health endpoint answers.
+    """
+
+    status: int | None = None
+    error_after: int | None = None
+    drop_after: int | None = None
+    delay_first: float = 0.0
+    delay_each: float = 0.0
+    health_status: int = 200
+
+
+@dataclass
+class Recorder:
+    requests: list[Recorded] = field(default_factory=list)
+    faults: Faults = field(default_factory=Faults)
+
+    def bodies(self, path: str) -> list[Any]:
+        return [r.body for r in self.requests if r.path == path]
+
+
+class DroppedConnection(Exception):
+    """Raised inside a streaming body to make uvicorn cut the connection mid-answer."""
+
+
+def pieces_of(text: str) -> list[str]:
+    """Split an answer into token-like pieces: words with their leading space."""
+    out: list[str] = []
+    for i, word in enumerate(text.split(" ")):
+        out.append(word if i == 0 else " " + word)
+    return [p for p in out if p]
+
+
+def apply_stop(pieces: list[str], max_tokens: int, stop: list[str]) -> tuple[list[str], str]:
+    """Generate like an engine: at most ``max_tokens`` pieces, cut before the first stop string."""
+    produced = ""
+    out: list[str] = []
+    for piece in pieces[:max_tokens]:
+        candidate = produced + piece
+        hits = [candidate.find(s) for s in stop if s and s in candidate]
+        if hits:
+            cut = min(hits)
+            rest = candidate[len(produced) : cut]
+            if rest:
+                out.append(rest)
+            return out, "stop"
+        out.append(piece)
+        produced = candidate
+    return out, ("length" if len(pieces) > max_tokens else "stop")
