@@ -54,18 +54,17 @@ def pieces_of(text: str) -> list[str]:
 
 
 def apply_stop(pieces: list[str], max_tokens: int, stop: list[str]) -> tuple[list[str], str]:
-    """Generate like an engine: at most ``max_tokens`` pieces, cut before the first stop string."""
-    produced = ""
-    out: list[str] = []
-    for piece in pieces[:max_tokens]:
-        candidate = produced + piece
-        hits = [candidate.find(s) for s in stop if s and s in candidate]
-        if hits:
-            cut = min(hits)
-            rest = candidate[len(produced) : cut]
-            if rest:
-                out.append(rest)
-            return out, "stop"
-        out.append(piece)
-        produced = candidate
-    return out, ("length" if len(pieces) > max_tokens else "stop")
+    """Generate like an engine: at most ``max_tokens`` pieces, cut before the first stop string (which may span
+    pieces; engines hold back a partial match, so nothing after the cut is sent)."""
+    taken = pieces[:max_tokens]
+    text = "".join(taken)
+    hits = [text.find(s) for s in stop if s and s in text]
+    if not hits:
+        return taken, ("length" if len(pieces) > max_tokens else "stop")
+    cut, out, pos = min(hits), [], 0
+    for piece in taken:
+        if pos >= cut:
+            break
+        out.append(piece[: cut - pos])
+        pos += len(piece)
+    return [p for p in out if p], "stop"
