@@ -1,0 +1,290 @@
+"""Continuous batching on one engine thread.
+
+Every decode step runs all active sequences in one forward pass; each row carries its own LoRA adapter (peft's
+per-row ``adapter_names``), its own sampling parameters and its own stop conditions. A new sequence is prefilled
+between two steps and joins the batch at the next one; a finished or cancelled sequence leaves it at once.
+
+The batch's KV cache is left-padded: rows of different lengths share one ``[batch, heads, length, dim]`` tensor per
+layer, with an attention mask of zeros over the padding. Padding never changes a row's numbers (masked positions get
+zero attention weight), so in float32 a sequence's greedy output is the same alone or in any batch.
+
+Model mutations (loading or deleting an adapter) are *commands* run on the engine thread between steps, so a forward
+pass never sees a half-loaded adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from backends.base import Delta, GenerationRequest
+from backends.sampling import RowSampler, choose_tokens
+from gateway.errors import BackendUnavailable, GatewayError, Overloaded
+
+log = logging.getLogger(__name__)
+
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in adapter_names
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's state inside the engine. ``cancelled`` may be set from any thread."""
+
+    request: GenerationRequest
+    deliver: Callable[[Delta | GatewayError], None]
+    sampler: RowSampler
+    stop_token_ids: frozenset[int]
+    max_total_len: int
+    generated: int = 0
+    next_token: int = -1
+    cancelled: bool = False
+    position: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        # Position id of ``next_token``: the last prompt token's until the first token is chosen.
+        self.position = len(self.request.prompt_token_ids) - 1
+
+    @property
+    def adapter_name(self) -> str:
+        return self.request.adapter or BASE_ADAPTER
+
+
+@dataclass
+class _Command:
+    run: Callable[[], Any]
+    future: concurrent.futures.Future[Any]
+
+
+class Engine:
+    """Owns the model on its thread. ``submit`` and ``run_command`` are safe to call from any thread."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        device: torch.device,
+        pad_token_id: int,
+        max_batch_size: int,
+        max_queue: int,
+    ) -> None:
+        self.model = model
+        self.device = device
+        self.pad_token_id = pad_token_id
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.uses_adapters = False  # set once the model is a PeftModel: then every forward passes adapter_names
+        self._waiting: deque[Sequence] = deque()
+        self._commands: deque[_Command] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._rows: list[Sequence] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None
+        self._thread = threading.Thread(target=self._loop, name="lora-gateway-engine", daemon=True)
+        self._thread.start()
+
+    # --- called from other threads ----------------------------------------------------------------------------
+
+    def submit(self, sequence: Sequence) -> None:
+        with self._cond:
+            if self._stopping:
+                raise BackendUnavailable("the engine is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                raise Overloaded(f"the server has {len(self._waiting)} requests waiting; try again shortly")
+            self._waiting.append(sequence)
+            self._cond.notify()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    async def run_command(self, run: Callable[[], Any]) -> Any:
+        """Run ``run()`` on the engine thread between two steps and return its result."""
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._cond:
+            if self._stopping:
+                raise BackendUnavailable("the engine is shutting down")
+            self._commands.append(_Command(run, future))
+            self._cond.notify()
+        return await asyncio.wrap_future(future)
+
+    def adapters_in_use(self) -> dict[str, int]:
+        """Sequences waiting or running per adapter name (a snapshot)."""
+        with self._cond:
+            counts: dict[str, int] = {}
+            for seq in [*self._waiting, *self._rows]:
+                if not seq.cancelled:
+                    counts[seq.adapter_name] = counts.get(seq.adapter_name, 0) + 1
+            return counts
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self._rows)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+    # --- the engine thread ------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stopping or self._waiting or self._commands or self._rows):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                commands = list(self._commands)
+                self._commands.clear()
+                room = self.max_batch_size - len(self._rows)
+                joining = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+            for command in commands:
+                self._run_command(command)
+            try:
+                with torch.inference_mode():
+                    self._drop_rows([s for s in self._rows if s.cancelled])
+                    joining = [s for s in joining if not s.cancelled]
+                    if joining:
+                        self._prefill(joining)
+                    if self._rows:
+                        self._decode()
+            except Exception as exc:  # a failed forward must not kill the engine: fail the batch, keep serving
+                log.exception("engine step failed")
+                error = BackendUnavailable(f"the inference engine failed: {type(exc).__name__}")
+                for seq in [*self._rows, *joining]:
+                    seq.deliver(error)
+                self._rows, self._cache, self._mask = [], None, None
+        self._fail_all(BackendUnavailable("the engine stopped"))
+
+    def _run_command(self, command: _Command) -> None:
+        if not command.future.set_running_or_notify_cancel():
+            return
+        try:
+            command.future.set_result(command.run())
+        except BaseException as exc:  # handed to the awaiting coroutine
+            command.future.set_exception(exc)
+
+    def _fail_all(self, error: GatewayError) -> None:
+        with self._cond:
+            pending = [*self._waiting, *self._rows]
+            self._waiting.clear()
+            commands = list(self._commands)
+            self._commands.clear()
+        for seq in pending:
+            seq.deliver(error)
+        for command in commands:
+            command.future.set_exception(error)
+        self._rows, self._cache, self._mask = [], None, None
+
+    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
+                 adapters: list[str]) -> torch.Tensor:
+        kwargs: dict[str, Any] = {"adapter_names": adapters} if self.uses_adapters else {}
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **kwargs,
+        )
+        return out.logits[:, -1, :]
+
+    def _prefill(self, joining: list[Sequence]) -> None:
+        longest = max(len(s.request.prompt_token_ids) for s in joining)
+        ids = torch.full((len(joining), longest), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(joining), longest), dtype=torch.long)
+        for row, seq in enumerate(joining):
+            prompt = seq.request.prompt_token_ids
+            ids[row, longest - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            mask[row, longest - len(prompt) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = self._forward(ids, mask, positions, cache, [s.adapter_name for s in joining])
+        self._join(joining, cache, mask)
+        self._accept(joining, choose_tokens(logits, [s.sampler for s in joining]))
+
+    def _decode(self) -> None:
+        assert self._cache is not None and self._mask is not None
+        rows = self._rows
+        ids = torch.tensor([[s.next_token] for s in rows], dtype=torch.long, device=self.device)
+        positions = torch.tensor([[s.position] for s in rows], dtype=torch.long, device=self.device)
+        self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
+        logits = self._forward(ids, self._mask, positions, self._cache, [s.adapter_name for s in rows])
+        self._accept(rows, choose_tokens(logits, [s.sampler for s in rows]))
+
+    def _accept(self, rows: list[Sequence], tokens: list[int]) -> None:
+        finished = []
+        for seq, token in zip(rows, tokens, strict=True):
+            seq.generated += 1
+            seq.position += 1
+            seq.next_token = token
+            if token in seq.stop_token_ids:
+                seq.deliver(Delta(finish_reason="stop", completion_tokens=seq.generated))
+                finished.append(seq)
+            elif seq.generated >= seq.request.sampling.max_tokens or seq.position + 1 >= seq.max_total_len:
+                seq.deliver(Delta(token_ids=(token,), finish_reason="length", completion_tokens=seq.generated))
+                finished.append(seq)
+            else:
+                seq.deliver(Delta(token_ids=(token,)))
+        self._drop_rows(finished)
+
+    def _join(self, joining: list[Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
+        if self._cache is None or self._mask is None:
+            self._rows, self._cache, self._mask = list(joining), cache, mask
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+        layers = []
+        for old, new in zip(self._cache.layers, cache.layers, strict=True):
+            keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)], dim=0)
+            values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)], dim=0)
+            layers.append((keys, values))
+        self._cache = DynamicCache(ddp_cache_data=layers)
+        self._mask = torch.cat([_left_pad(self._mask, width), _left_pad(mask, width)], dim=0)
+        self._rows = self._rows + list(joining)
+
+    def _drop_rows(self, leaving: list[Sequence]) -> None:
+        if not leaving:
+            return
+        gone = set(leaving)
+        keep = [i for i, s in enumerate(self._rows) if s not in gone]
+        self._rows = [self._rows[i] for i in keep]
+        if not keep or self._cache is None or self._mask is None:
+            self._rows, self._cache, self._mask = [], None, None
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        mask = self._mask.index_select(0, index)
+        # Columns that are padding for every remaining row can go.
+        start = int((mask.sum(0) > 0).nonzero()[0].item())
+        layers = [
+            (layer.keys.index_select(0, index)[:, :, start:], layer.values.index_select(0, index)[:, :, start:])
+            for layer in self._cache.layers
+        ]
+        self._cache = DynamicCache(ddp_cache_data=layers)
+        self._mask = mask[:, start:]
+
+
+def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """Pad the sequence dimension (dim 2 of a KV tensor, dim 1 of a mask) on the left with zeros up to ``width``."""
+    missing = width - tensor.shape[-2 if tensor.dim() == 4 else -1]
+    if missing == 0:
+        return tensor
+    if tensor.dim() == 4:
+        return torch.nn.functional.pad(tensor, (0, 0, missing, 0))
+    return torch.nn.functional.pad(tensor, (missing, 0))

@@ -1,0 +1,170 @@
+"""The native backend: one base model in transformers, LoRA adapters through peft, on CUDA, Ascend NPU or CPU."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import torch
+
+from backends.base import Capabilities, Delta, GenerationRequest, Health
+from backends.engine import Engine, Sequence
+from backends.sampling import RowSampler
+from gateway.errors import AdapterLoadError, BackendUnavailable, GatewayError, InvalidRequest
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` prefers CUDA, then Ascend NPU, then CPU. ``npu`` needs the torch-npu package."""
+    if name in ("npu", "auto"):
+        try:
+            import torch_npu  # noqa: F401  (registers the "npu" device with torch)
+        except ImportError as exc:
+            if name == "npu":
+                raise BackendUnavailable(
+                    "--device npu needs torch-npu (Ascend): pip install 'lora-gateway[npu]' matching your CANN"
+                ) from exc
+        else:
+            if torch.npu.is_available():  # type: ignore[attr-defined]
+                return torch.device("npu")
+            if name == "npu":
+                raise BackendUnavailable("--device npu: torch-npu is installed but no NPU is visible")
+    if name in ("cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda")
+    if name == "cuda":
+        raise BackendUnavailable("--device cuda: no CUDA device is visible to torch")
+    return torch.device("cpu")
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return _DTYPES[name]
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+class TorchBackend:
+    """Serves a base model and its adapters in this process.
+
+    Build with ``await TorchBackend.load(...)``: weights load off the event loop.
+    """
+
+    def __init__(self, model: Any, *, device: torch.device, eos_token_ids: frozenset[int], pad_token_id: int,
+                 max_model_len: int, max_batch_size: int, max_queue: int) -> None:
+        self.device = device
+        self.max_model_len = max_model_len
+        self.eos_token_ids = eos_token_ids
+        self.capabilities = Capabilities(runtime_adapters=True, max_context=max_model_len)
+        self.adapter_paths: dict[str, str] = {}
+        self._engine = Engine(model, device=device, pad_token_id=pad_token_id, max_batch_size=max_batch_size,
+                              max_queue=max_queue)
+
+    @classmethod
+    async def load(cls, model_dir: str | Path, *, device: str = "auto", dtype: str = "auto",
+                   max_model_len: int | None = None, max_batch_size: int = 8, max_queue: int = 256,
+                   pad_token_id: int | None = None) -> TorchBackend:
+        torch_device = pick_device(device)
+        torch_dtype = pick_dtype(dtype, torch_device)
+
+        def load_model() -> Any:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype)
+            return model.to(torch_device).eval()
+
+        model = await anyio.to_thread.run_sync(load_model)
+        config = model.config
+        context = max_model_len or getattr(config, "max_position_embeddings", None) or 4096
+        eos = set()
+        for source in (config, getattr(model, "generation_config", None)):
+            value = getattr(source, "eos_token_id", None)
+            eos.update(value if isinstance(value, list) else [value] if value is not None else [])
+        pad = pad_token_id if pad_token_id is not None else (getattr(config, "pad_token_id", None) or 0)
+        log.info("loaded %s on %s as %s (context %d)", model_dir, torch_device, torch_dtype, context)
+        return cls(model, device=torch_device, eos_token_ids=frozenset(eos), pad_token_id=pad,
+                   max_model_len=context, max_batch_size=max_batch_size, max_queue=max_queue)
+
+    # --- generation ---------------------------------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        if request.adapter is not None and request.adapter not in self.adapter_paths:
+            raise InvalidRequest(f"adapter {request.adapter!r} is not loaded")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Delta | GatewayError] = asyncio.Queue()
+
+        def deliver(item: Delta | GatewayError) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        sequence = Sequence(
+            request=request,
+            deliver=deliver,
+            sampler=RowSampler.create(request.sampling, self.device),
+            stop_token_ids=self.eos_token_ids | frozenset(request.sampling.stop_token_ids),
+            max_total_len=self.max_model_len,
+        )
+        self._engine.submit(sequence)
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, GatewayError):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            sequence.cancelled = True
+            self._engine.wake()
+
+    # --- adapters -----------------------------------------------------------------------------------------------
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        if self.adapter_paths.get(name) == path:
+            return
+
+        def load() -> None:
+            from peft import PeftModel
+
+            model = self._engine.model
+            try:
+                if isinstance(model, PeftModel):
+                    if name in model.peft_config:
+                        model.delete_adapter(name)
+                    model.load_adapter(path, adapter_name=name, autocast_adapter_dtype=False)
+                else:
+                    model = PeftModel.from_pretrained(model, path, adapter_name=name, autocast_adapter_dtype=False)
+                    self._engine.model = model.eval()
+                    self._engine.uses_adapters = True
+            except GatewayError:
+                raise
+            except Exception as exc:  # peft raises many types for a folder that does not fit
+                raise AdapterLoadError(f"cannot load adapter {name!r} from {path}: {exc}") from exc
+
+        await self._engine.run_command(load)
+        self.adapter_paths[name] = path
+
+    async def unload_adapter(self, name: str) -> None:
+        if name not in self.adapter_paths:
+            return
+
+        def unload() -> None:
+            self._engine.model.delete_adapter(name)
+
+        await self._engine.run_command(unload)
+        del self.adapter_paths[name]
+
+    # --- lifecycle ----------------------------------------------------------------------------------------------
+
+    async def health(self) -> Health:
+        return Health(ok=True, detail=f"{self.device.type}", extra={
+            "batch": self._engine.batch_size, "queued": self._engine.queue_depth,
+        })
+
+    async def aclose(self) -> None:
+        await anyio.to_thread.run_sync(self._engine.stop)
+

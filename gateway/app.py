@@ -1,0 +1,34 @@
+"""``create_app(settings)``: the FastAPI application. Its lifespan builds the backend and registry."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from backends.base import Backend
+from gateway import __version__
+from gateway.errors import install_error_handlers
+from gateway.loading import build_state
+from gateway.routes import admin, chat, completions, models
+from gateway.settings import Settings
+
+
+def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI:
+    """The gateway app. ``backend`` replaces the configured one (tests pass a fake)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = await build_state(settings, backend)
+        app.state.gateway = state
+        try:
+            yield
+        finally:
+            await state.backend.aclose()
+
+    app = FastAPI(title="lora-gateway", version=__version__, lifespan=lifespan)
+    install_error_handlers(app)
+    for module in (chat, completions, models, admin):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,128 @@
+"""The ``gateway`` command: ``serve``, ``demo build`` and ``template``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from gateway.settings import AdapterConfig, Settings, SettingsError
+
+app = typer.Typer(help="lora-gateway: serve LoRA fine-tunes with the template they were trained with.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+demo_app = typer.Typer(help="The demo models: a tiny Qwen2 and LoRA adapters, built locally.", no_args_is_help=True)
+app.add_typer(demo_app, name="demo")
+
+_FIELDS = Settings.model_fields
+
+
+def _help(name: str) -> str:
+    return _FIELDS[name].description or ""
+
+
+def _pairs(values: list[str], flag: str) -> dict[str, str]:
+    pairs = {}
+    for value in values:
+        name, sep, rest = value.partition("=")
+        if not sep or not name or not rest:
+            raise typer.BadParameter(f"expected NAME=VALUE, got {value!r}", param_hint=flag)
+        if name in pairs:
+            raise typer.BadParameter(f"{name!r} given twice", param_hint=flag)
+        pairs[name] = rest
+    return pairs
+
+
+def adapter_configs(adapters: list[str], templates: list[str]) -> tuple[AdapterConfig, ...] | None:
+    paths = _pairs(adapters, "--adapter")
+    chosen = _pairs(templates, "--adapter-template")
+    unknown = sorted(set(chosen) - set(paths))
+    if unknown:
+        raise typer.BadParameter(f"no --adapter named {', '.join(unknown)}", param_hint="--adapter-template")
+    if not paths:
+        return None
+    return tuple(AdapterConfig(name=n, path=p, template=chosen.get(n)) for n, p in paths.items())
+
+
+@app.command()
+def serve(
+    model: Annotated[Optional[str], typer.Option(help=_help("model"))] = None,  # noqa: UP045 (typer needs Optional)
+    adapter: Annotated[list[str], typer.Option(help="NAME=DIR: serve a LoRA adapter (repeatable).")] = [],  # noqa: B006
+    adapter_template: Annotated[
+        list[str], typer.Option(help="NAME=TEMPLATE: the chat template of one adapter (repeatable).")
+    ] = [],  # noqa: B006
+    template: Annotated[Optional[str], typer.Option(help=_help("template"))] = None,  # noqa: UP045
+    backend: Annotated[Optional[str], typer.Option(help=_help("backend"))] = None,  # noqa: UP045
+    upstream: Annotated[list[str], typer.Option(help=_help("upstream") + " (repeatable)")] = [],  # noqa: B006
+    tokenizer: Annotated[Optional[str], typer.Option(help=_help("tokenizer"))] = None,  # noqa: UP045
+    device: Annotated[Optional[str], typer.Option(help=_help("device"))] = None,  # noqa: UP045
+    dtype: Annotated[Optional[str], typer.Option(help=_help("dtype"))] = None,  # noqa: UP045
+    served_model_name: Annotated[Optional[str], typer.Option(help=_help("served_model_name"))] = None,  # noqa: UP045
+    max_batch_size: Annotated[Optional[int], typer.Option(help=_help("max_batch_size"))] = None,  # noqa: UP045
+    max_queue: Annotated[Optional[int], typer.Option(help=_help("max_queue"))] = None,  # noqa: UP045
+    max_model_len: Annotated[Optional[int], typer.Option(help=_help("max_model_len"))] = None,  # noqa: UP045
+    host: Annotated[Optional[str], typer.Option(help=_help("host"))] = None,  # noqa: UP045
+    port: Annotated[Optional[int], typer.Option(help=_help("port"))] = None,  # noqa: UP045
+    api_key: Annotated[Optional[str], typer.Option(help=_help("api_key"))] = None,  # noqa: UP045
+    demo: Annotated[bool, typer.Option("--demo", help=_help("demo"))] = False,
+    config: Annotated[Optional[Path], typer.Option(help="YAML file with settings (flags win).")] = None,  # noqa: UP045
+    log_level: Annotated[str, typer.Option(help="Logging level.")] = "info",
+) -> None:
+    """Serve the OpenAI-compatible API."""
+    import uvicorn
+
+    from gateway.app import create_app
+
+    try:
+        settings = Settings.load(
+            config,
+            model=model,
+            adapters=adapter_configs(adapter, adapter_template),
+            template=template,
+            backend=backend,
+            upstream=tuple(upstream) or None,
+            tokenizer=tokenizer,
+            device=device,
+            dtype=dtype,
+            served_model_name=served_model_name,
+            max_batch_size=max_batch_size,
+            max_queue=max_queue,
+            max_model_len=max_model_len,
+            host=host,
+            port=port,
+            api_key=api_key,
+            demo=demo or None,
+        )
+    except SettingsError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level.lower())
+
+
+@demo_app.command("build")
+def demo_build(
+    root: Annotated[Optional[Path], typer.Option(help="Where to build; default: the user cache.")] = None,  # noqa: UP045
+    force: Annotated[bool, typer.Option(help="Rebuild even if a build is cached.")] = False,
+) -> None:
+    """Build the demo models (or find the cached build) and print their folders as JSON."""
+    from gateway.demo import build_demo
+
+    demo = build_demo(root, force=force)
+    typer.echo(json.dumps({"base": str(demo.base_dir), "adapters": {k: str(v) for k, v in demo.adapters.items()}},
+                          indent=2))
+
+
+def _mount_template_commands() -> None:
+    try:
+        from gateway.templates.cli import template_app
+    except ImportError:
+        return
+    app.add_typer(template_app, name="template", help="List and render chat templates.")
+
+
+_mount_template_commands()
+
+if __name__ == "__main__":
+    app()

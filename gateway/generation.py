@@ -1,0 +1,135 @@
+"""The part of a request shared by chat and text completions: budget, sampling, and running ``n`` choices."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from backends.base import GenerationRequest, SamplingParams
+from gateway.errors import InvalidRequest
+from gateway.protocol.common import SamplingFields
+from gateway.registry import Target
+from gateway.state import GatewayState
+from gateway.streaming import TextPiece, stream_text
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    text: str
+    token_ids: tuple[int, ...]
+    stop: tuple[str, ...]  # template stop words + the request's stop strings
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def note_unknown_fields(state: GatewayState, body: SamplingFields) -> None:
+    """Unknown request fields are accepted (OpenAI adds fields often) and logged once each."""
+    for name in body.model_extra or {}:
+        if name not in state.unknown_fields_seen:
+            state.unknown_fields_seen.add(name)
+            log.info("ignoring unknown request field %r (logged once)", name)
+
+
+def completion_budget(state: GatewayState, prompt_tokens: int, requested: int | None) -> int:
+    """Tokens the completion may use: what was asked for, capped by what the context has left."""
+    room = state.max_model_len - prompt_tokens
+    if room <= 0:
+        raise InvalidRequest(
+            f"This model's maximum context length is {state.max_model_len} tokens. However, your prompt is "
+            f"{prompt_tokens} tokens long, which leaves no room for the completion. Please shorten your messages.",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    return room if requested is None else min(requested, room)
+
+
+def sampling_params(body: SamplingFields, max_tokens: int, stop: Sequence[str], stop_token_ids: Sequence[int],
+                    choice: int) -> SamplingParams:
+    seed = None if body.seed is None else body.seed + choice
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=body.top_k or 0,
+        seed=seed,
+        stop=tuple(stop),
+        stop_token_ids=tuple(stop_token_ids),
+    )
+
+
+def stop_token_ids(state: GatewayState, stops: Sequence[str]) -> list[int]:
+    """Stop strings that are single tokens of the vocabulary also stop generation by id."""
+    ids = []
+    unk = state.tokenizer.unk_token_id
+    for stop in stops:
+        token_id = state.tokenizer.convert_tokens_to_ids(stop)
+        if isinstance(token_id, int) and token_id != unk:
+            ids.append(token_id)
+    return ids
+
+
+def choice_streams(state: GatewayState, target: Target, prompt: PreparedPrompt, body: SamplingFields, n: int,
+                   max_tokens: int) -> list[AsyncIterator[TextPiece]]:
+    """One text stream per choice; each runs as its own sequence in the backend."""
+    ids = stop_token_ids(state, prompt.stop)
+    streams = []
+    for choice in range(n):
+        request = GenerationRequest(
+            request_id=new_id("gen"),
+            prompt_token_ids=prompt.token_ids,
+            prompt_text=prompt.text,
+            adapter=target.adapter,
+            sampling=sampling_params(body, max_tokens, prompt.stop, ids, choice),
+        )
+        streams.append(stream_text(state.backend.generate(request), state.tokenizer, prompt.stop))
+    return streams
+
+
+async def merge_streams(streams: list[AsyncIterator[TextPiece]]) -> AsyncIterator[tuple[int, TextPiece]]:
+    """Interleave several choice streams as pieces arrive, tagged with the choice index."""
+    if len(streams) == 1:
+        async for piece in streams[0]:
+            yield 0, piece
+        return
+    queue: asyncio.Queue[tuple[int, TextPiece | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[TextPiece]) -> None:
+        try:
+            async for piece in stream:
+                await queue.put((index, piece))
+            await queue.put((index, None))
+        except BaseException as exc:  # re-raised in the consumer
+            await queue.put((index, exc))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            index, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def prepend(first: T, rest: AsyncIterator[T]) -> AsyncIterator[T]:
+    """``first`` followed by the rest: for streams whose first item was awaited before the response started."""
+    yield first
+    async for item in rest:
+        yield item

@@ -1,0 +1,105 @@
+"""Start-up: from settings to a running ``GatewayState`` (tokenizer, templates, backend, adapters, registry)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from backends.base import Backend
+from gateway.registry import Registry
+from gateway.settings import AdapterConfig, Settings, SettingsError
+from gateway.state import GatewayState
+from gateway.templates import TemplateNotFound, TemplateResolutionError, resolve_template
+
+log = logging.getLogger(__name__)
+
+DEMO_BASE_NAME = "tiny-qwen"
+
+
+async def with_demo_models(settings: Settings) -> Settings:
+    """With ``--demo``: build (or reuse) the demo models and serve them, plus anything else configured."""
+    if not settings.demo:
+        return settings
+    from gateway.demo import build_demo
+
+    demo = await anyio.to_thread.run_sync(build_demo)
+    configured = {a.name for a in settings.adapters}
+    adapters = settings.adapters + tuple(
+        AdapterConfig(name=name, path=str(path)) for name, path in demo.adapters.items() if name not in configured
+    )
+    return settings.model_copy(update={
+        "model": str(demo.base_dir),
+        "served_model_name": settings.served_model_name or DEMO_BASE_NAME,
+        "template": settings.template or "qwen",
+        "adapters": adapters,
+    })
+
+
+def _resolve(explicit: str | None, adapter_dir: Path | None, settings: Settings, base_dir: Path | None) -> Any:
+    try:
+        return resolve_template(explicit=explicit, adapter_dir=adapter_dir, base_template=settings.template,
+                                base_dir=base_dir)
+    except (TemplateNotFound, TemplateResolutionError) as exc:
+        raise SettingsError(str(exc)) from exc
+
+
+async def load_tokenizer(source: str) -> Any:
+    def load() -> Any:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(source)
+
+    try:
+        return await anyio.to_thread.run_sync(load)
+    except OSError as exc:
+        raise SettingsError(f"cannot load a tokenizer from {source}: {exc}") from exc
+
+
+async def create_backend(settings: Settings, model_dir: Path, tokenizer: Any) -> Backend:
+    if settings.backend == "torch":
+        from backends.torch_native import TorchBackend
+
+        return await TorchBackend.load(
+            model_dir,
+            device=settings.device,
+            dtype=settings.dtype,
+            max_model_len=settings.max_model_len,
+            max_batch_size=settings.max_batch_size,
+            max_queue=settings.max_queue,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    raise SettingsError(f"backend {settings.backend!r} is not available in this build")
+
+
+async def build_state(settings: Settings, backend: Backend | None = None) -> GatewayState:
+    settings = await with_demo_models(settings)
+    assert settings.model is not None  # Settings.load guarantees a model or --demo
+    model_dir = Path(settings.model)
+    local = model_dir.is_dir()
+    if settings.backend == "torch" and not local:
+        raise SettingsError(f"--model {settings.model}: no such folder (the torch backend needs local weights)")
+    tokenizer = await load_tokenizer(settings.tokenizer or settings.model)
+    base_name = settings.served_model_name or (model_dir.name if local else settings.model)
+    registry = Registry(base_name, str(model_dir) if local else None,
+                        _resolve(None, None, settings, model_dir if local else None))
+    for adapter in settings.adapters:
+        if not Path(adapter.path).is_dir():
+            raise SettingsError(f"--adapter {adapter.name}={adapter.path}: no such folder")
+    templates = {a.name: _resolve(a.template, Path(a.path), settings, model_dir) for a in settings.adapters}
+
+    backend = backend or await create_backend(settings, model_dir, tokenizer)
+    try:
+        for adapter in settings.adapters:
+            await backend.load_adapter(adapter.name, adapter.path)
+            registry.add_adapter(adapter.name, adapter.path, templates[adapter.name])
+            log.info("serving adapter %s (%s: %s)", adapter.name, templates[adapter.name].template.name,
+                     templates[adapter.name].source)
+    except BaseException:
+        await backend.aclose()
+        raise
+    max_len = backend.capabilities.max_context or settings.max_model_len or int(tokenizer.model_max_length)
+    return GatewayState(settings=settings, registry=registry, backend=backend, tokenizer=tokenizer,
+                        max_model_len=max_len)

@@ -1,0 +1,99 @@
+"""One frozen settings object: defaults < YAML file < ``GATEWAY_*`` environment < command-line flags.
+
+Field descriptions double as ``--help`` text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class SettingsError(ValueError):
+    """A setting is missing or wrong; the message is a sentence for the user."""
+
+
+class AdapterConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(description="The name clients use as `model`.")
+    path: str = Field(description="The LoRA folder (a LLaMA-Factory run folder or a checkpoint-N inside it).")
+    template: str | None = Field(None, description="Chat template for this adapter; detected when unset.")
+
+
+Backend = Literal["torch", "vllm", "lmdeploy", "ollama", "openai"]
+Device = Literal["auto", "cpu", "cuda", "npu"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", frozen=True, extra="forbid")
+
+    model: str | None = Field(None, description="Base model folder (or, with an upstream backend, its name there).")
+    served_model_name: str | None = Field(None, description="The id clients use for the base; default: folder name.")
+    adapters: tuple[AdapterConfig, ...] = Field((), description="LoRA adapters served on the base.")
+    template: str | None = Field(None, description="Chat template of the base model; detected when unset.")
+    backend: Backend = Field("torch", description="Inference engine: native torch, or an upstream server.")
+    upstream: tuple[str, ...] = Field((), description="Upstream server URLs (for upstream backends).")
+    tokenizer: str | None = Field(None, description="Tokenizer folder when --model is not a local folder.")
+    device: Device = Field("auto", description="Where the native backend runs: cuda, npu (torch-npu) or cpu.")
+    dtype: DType = Field("auto", description="Weights dtype for the native backend (auto: bf16 on GPU, fp32 on CPU).")
+    max_batch_size: int = Field(8, ge=1, description="Most sequences decoded together by the native engine.")
+    max_queue: int = Field(256, ge=1, description="Most requests waiting for a batch slot before 429.")
+    max_model_len: int | None = Field(None, ge=16, description="Context length; default: the model's own.")
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
+    api_key: str | None = Field(None, description="If set, clients must send `Authorization: Bearer <key>`.")
+    demo: bool = Field(False, description="Serve the demo models (built locally on first use).")
+
+    @field_validator("adapters", mode="after")
+    @classmethod
+    def _unique_adapter_names(cls, adapters: tuple[AdapterConfig, ...]) -> tuple[AdapterConfig, ...]:
+        names = [a.name for a in adapters]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"adapter names must be unique; repeated: {', '.join(duplicates)}")
+        return adapters
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings
+
+    @classmethod
+    def load(cls, config_file: Path | None = None, **overrides: Any) -> Settings:
+        """Build settings from a YAML file, the environment and explicit overrides (``None`` values ignored)."""
+        import os
+
+        data: dict[str, Any] = {}
+        if config_file is not None:
+            try:
+                data = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+            except OSError as exc:
+                raise SettingsError(f"cannot read config file {config_file}: {exc.strerror}") from exc
+            if not isinstance(data, dict):
+                raise SettingsError(f"config file {config_file} must hold a mapping of settings")
+        # The environment beats the file: drop file keys that a GATEWAY_ variable sets.
+        data = {k: v for k, v in data.items() if f"GATEWAY_{k.upper()}" not in os.environ}
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            settings = cls(**data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise SettingsError(f"setting {where!r}: {first['msg']}") from exc
+        if settings.model is None and not settings.demo:
+            raise SettingsError("no model to serve: give --model DIR (or --demo to serve the demo models)")
+        if settings.backend != "torch" and not settings.upstream:
+            raise SettingsError(f"--backend {settings.backend} needs at least one --upstream URL")
+        return settings

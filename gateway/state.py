@@ -1,0 +1,20 @@
+"""What the app holds while it runs, built in the lifespan and kept on ``app.state.gateway``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from backends.base import Backend
+from gateway.registry import Registry
+from gateway.settings import Settings
+
+
+@dataclass
+class GatewayState:
+    settings: Settings
+    registry: Registry
+    backend: Backend
+    tokenizer: Any  # a transformers tokenizer
+    max_model_len: int
+    unknown_fields_seen: set[str] = field(default_factory=set)

@@ -1,0 +1,125 @@
+"""From a backend's deltas to text the client can show.
+
+- Incremental detokenization: text is emitted only once it is whole — never half a UTF-8 character — and
+  decoding in pieces gives exactly the text of decoding everything at once.
+- Stop strings are found across token boundaries; text that could still be the start of a stop string is held back,
+  and the stop string itself is never emitted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from backends.base import Delta
+
+FinishReason = Literal["stop", "length"]
+
+
+class Decoder(Protocol):
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text pieces.
+
+    It decodes a small window of recent tokens and emits only what the newest tokens added, holding back text that
+    ends in an incomplete UTF-8 sequence (decoded as U+FFFD) until the next token completes it.
+    """
+
+    def __init__(self, tokenizer: Decoder) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._prefix = 0  # start of the decode window
+        self._read = 0  # tokens already turned into emitted text
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def add(self, token_ids: Sequence[int]) -> str:
+        self._ids.extend(token_ids)
+        prefix_text = self._decode(self._ids[self._prefix : self._read])
+        full_text = self._decode(self._ids[self._prefix :])
+        if full_text.endswith("\ufffd") or len(full_text) <= len(prefix_text):
+            return ""
+        new_text = full_text[len(prefix_text) :]
+        self._prefix, self._read = self._read, len(self._ids)
+        return new_text
+
+    def flush(self) -> str:
+        """Whatever is left at the end, even if it is not valid UTF-8 (then it holds U+FFFD, as a full decode would)."""
+        prefix_text = self._decode(self._ids[self._prefix : self._read])
+        full_text = self._decode(self._ids[self._prefix :])
+        self._prefix = self._read = len(self._ids)
+        return full_text[len(prefix_text) :]
+
+
+class StopMatcher:
+    """Finds the first stop string in streamed text; holds back what could still become one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = [s for s in stops if s]
+        self._hold = max((len(s) for s in self._stops), default=1) - 1
+        self._buffer = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        self._buffer += text
+        if not self._stops:
+            out, self._buffer = self._buffer, ""
+            return out
+        hits = [i for i in (self._buffer.find(s) for s in self._stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            out, self._buffer = self._buffer[: min(hits)], ""
+            return out
+        cut = max(0, len(self._buffer) - self._hold)
+        out, self._buffer = self._buffer[:cut], self._buffer[cut:]
+        return out
+
+    def flush(self) -> str:
+        out, self._buffer = ("" if self.stopped else self._buffer), ""
+        return out
+
+
+@dataclass(frozen=True)
+class TextPiece:
+    text: str
+    finish_reason: FinishReason | None = None
+    completion_tokens: int | None = None
+    prompt_tokens: int | None = None
+
+
+async def stream_text(
+    deltas: AsyncIterator[Delta], tokenizer: Decoder, stops: Sequence[str]
+) -> AsyncIterator[TextPiece]:
+    """Text pieces for one completion; the last piece has ``finish_reason`` and the completion token count.
+
+    Stopping on a stop string closes ``deltas``, which cancels the generation in the backend.
+    """
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    matcher = StopMatcher(stops)
+    count = 0
+    try:
+        async for delta in deltas:
+            count += len(delta.token_ids)
+            text = delta.text if delta.text is not None else detokenizer.add(delta.token_ids)
+            if delta.finish_reason is not None and delta.text is None:
+                text += detokenizer.flush()
+            visible = matcher.feed(text)
+            if matcher.stopped:
+                yield TextPiece(visible, "stop", delta.completion_tokens or count, delta.prompt_tokens)
+                return
+            if delta.finish_reason is not None:
+                visible += matcher.flush()
+                yield TextPiece(visible, delta.finish_reason, delta.completion_tokens or count, delta.prompt_tokens)
+                return
+            if visible:
+                yield TextPiece(visible)
+    finally:
+        close = getattr(deltas, "aclose", None)
+        if close is not None:
+            await close()

@@ -1,0 +1,146 @@
+"""The native engine with a real (random) Qwen2 and real peft LoRA adapters: batching must not change numbers."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from backends.base import GenerationRequest, SamplingParams
+from backends.torch_native import TorchBackend
+from gateway.errors import Overloaded
+
+VOCAB = 256
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("engine")
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         initializer_range=0.2, max_position_embeddings=256, eos_token_id=VOCAB - 1)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(root / "base")
+    dirs = {"base": root / "base"}
+    for index, name in enumerate(["a", "b"]):
+        torch.manual_seed(100 + index)
+        base = Qwen2ForCausalLM.from_pretrained(root / "base")
+        lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        get_peft_model(base, lora).save_pretrained(root / name)
+        dirs[name] = root / name
+    return dirs
+
+
+async def _backend(dirs: dict[str, Path], **kwargs: int) -> TorchBackend:
+    backend = await TorchBackend.load(dirs["base"], device="cpu", dtype="float32", pad_token_id=0, **kwargs)
+    for name in ("a", "b"):
+        await backend.load_adapter(name, str(dirs[name]))
+    return backend
+
+
+def _request(prompt: list[int], adapter: str | None, max_tokens: int = 12, **sampling: float) -> GenerationRequest:
+    params = SamplingParams(max_tokens=max_tokens, temperature=sampling.pop("temperature", 0.0), **sampling)
+    return GenerationRequest(request_id="t", prompt_token_ids=tuple(prompt), prompt_text="", adapter=adapter,
+                             sampling=params)
+
+
+async def _collect(backend: TorchBackend, request: GenerationRequest, delay: float = 0.0) -> list[int]:
+    await asyncio.sleep(delay)
+    tokens: list[int] = []
+    async for delta in backend.generate(request):
+        tokens.extend(delta.token_ids)
+    return tokens
+
+
+PROMPTS = [([5, 6, 7, 8, 9], None), ([10, 11, 12], "a"), ([13, 14, 15, 16, 17, 18, 19], "b"), ([20, 21], "a"),
+           ([5, 6, 7, 8, 9], "b")]
+
+
+async def test_mixed_adapter_batch_equals_each_request_alone(model_dirs: dict[str, Path]) -> None:
+    backend = await _backend(model_dirs)
+    try:
+        alone = [await _collect(backend, _request(p, a)) for p, a in PROMPTS]
+        together = await asyncio.gather(*(_collect(backend, _request(p, a)) for p, a in PROMPTS))
+        # Late arrivals join a running batch between decode steps (continuous batching).
+        staggered = await asyncio.gather(*(_collect(backend, _request(p, a), delay=0.01 * i)
+                                           for i, (p, a) in enumerate(PROMPTS)))
+    finally:
+        await backend.aclose()
+    assert all(len(t) == 12 for t in alone)
+    assert together == alone
+    assert staggered == alone
+
+
+async def test_adapters_change_the_output(model_dirs: dict[str, Path]) -> None:
+    backend = await _backend(model_dirs)
+    try:
+        prompt = [5, 6, 7, 8, 9]
+        outputs = {a: await _collect(backend, _request(prompt, a)) for a in (None, "a", "b")}
+    finally:
+        await backend.aclose()
+    assert outputs[None] != outputs["a"] != outputs["b"] != outputs[None]
+
+
+async def test_seeded_sampling_is_reproducible_in_any_batch(model_dirs: dict[str, Path]) -> None:
+    backend = await _backend(model_dirs)
+    try:
+        request = _request([30, 31, 32], "a", temperature=1.0, seed=7, top_p=0.9, top_k=50)
+        alone = await _collect(backend, request)
+        crowd = await asyncio.gather(_collect(backend, request), *(_collect(backend, _request(p, a)) for p, a in PROMPTS))
+        other_seed = await _collect(backend, _request([30, 31, 32], "a", temperature=1.0, seed=8, top_p=0.9))
+    finally:
+        await backend.aclose()
+    assert crowd[0] == alone
+    assert other_seed != alone
+
+
+async def test_closing_the_stream_frees_the_row(model_dirs: dict[str, Path]) -> None:
+    backend = await _backend(model_dirs)
+    try:
+        stream = backend.generate(_request([5, 6, 7], None, max_tokens=200))
+        await anext(stream)
+        await anext(stream)
+        assert backend._engine.batch_size == 1
+        await stream.aclose()
+        for _ in range(100):
+            if backend._engine.batch_size == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert backend._engine.batch_size == 0
+    finally:
+        await backend.aclose()
+
+
+async def test_full_queue_is_refused(model_dirs: dict[str, Path]) -> None:
+    backend = await _backend(model_dirs, max_batch_size=1, max_queue=1)
+    try:
+        streams = [backend.generate(_request([5, 6, 7], None, max_tokens=100)) for _ in range(3)]
+        await anext(streams[0])  # running
+        waiting = asyncio.ensure_future(anext(streams[1]))  # queued behind it
+        await asyncio.sleep(0.05)
+        with pytest.raises(Overloaded):
+            await anext(streams[2])
+        await streams[0].aclose()
+        await waiting  # the queued one gets its turn
+        await streams[1].aclose()
+    finally:
+        await backend.aclose()
+
+
+async def test_length_and_stop_token(model_dirs: dict[str, Path]) -> None:
+    backend = await _backend(model_dirs)
+    try:
+        free = await _collect(backend, _request([5, 6, 7, 8, 9], None, max_tokens=12))
+        stop_id = free[3]
+        request = GenerationRequest(request_id="s", prompt_token_ids=(5, 6, 7, 8, 9), prompt_text="", adapter=None,
+                                    sampling=SamplingParams(max_tokens=12, temperature=0, stop_token_ids=(stop_id,)))
+        finishes = [d.finish_reason async for d in backend.generate(request)]
+        stopped = await _collect(backend, request)
+    finally:
+        await backend.aclose()
+    assert stopped == free[: free.index(stop_id)]
+    assert finishes[-1] == "stop"
