@@ -57,6 +57,8 @@ def serve(
     backend: Annotated[Optional[str], typer.Option(help=_help("backend"))] = None,  # noqa: UP045
     upstream: Annotated[list[str], typer.Option(help=_help("upstream") + " (repeatable)")] = [],  # noqa: B006
     tokenizer: Annotated[Optional[str], typer.Option(help=_help("tokenizer"))] = None,  # noqa: UP045
+    upstream_model: Annotated[Optional[str], typer.Option(help=_help("upstream_model"))] = None,  # noqa: UP045
+    upstream_api_key: Annotated[Optional[str], typer.Option(help=_help("upstream_api_key"))] = None,  # noqa: UP045
     device: Annotated[Optional[str], typer.Option(help=_help("device"))] = None,  # noqa: UP045
     dtype: Annotated[Optional[str], typer.Option(help=_help("dtype"))] = None,  # noqa: UP045
     served_model_name: Annotated[Optional[str], typer.Option(help=_help("served_model_name"))] = None,  # noqa: UP045
@@ -84,6 +86,8 @@ def serve(
             backend=backend,
             upstream=tuple(upstream) or None,
             tokenizer=tokenizer,
+            upstream_model=upstream_model,
+            upstream_api_key=upstream_api_key,
             device=device,
             dtype=dtype,
             served_model_name=served_model_name,

@@ -71,7 +71,28 @@ async def create_backend(settings: Settings, model_dir: Path, tokenizer: Any) ->
             max_queue=settings.max_queue,
             pad_token_id=tokenizer.pad_token_id,
         )
-    raise SettingsError(f"backend {settings.backend!r} is not available in this build")
+    from backends.upstream_pool import Timeouts
+    from backends.upstreams import start_upstream_backend
+
+    timeouts = Timeouts(
+        connect=settings.upstream_connect_timeout,
+        first_byte=settings.upstream_first_byte_timeout,
+        idle=settings.upstream_idle_timeout,
+        health_interval=settings.upstream_health_interval,
+    )
+    base = settings.upstream_model
+    if base is None and not model_dir.is_dir():
+        base = settings.model  # not a local folder: it is the upstream's name for the base
+    if base is None and settings.backend == "ollama":
+        raise SettingsError("--backend ollama needs --upstream-model (the Ollama name of the base model)")
+    return await start_upstream_backend(
+        settings.backend,
+        settings.upstream,
+        base_model=base,
+        timeouts=timeouts,
+        api_key=settings.upstream_api_key,
+        runtime_adapters=settings.upstream_runtime_adapters,
+    )
 
 
 async def build_state(settings: Settings, backend: Backend | None = None) -> GatewayState:

@@ -40,6 +40,19 @@ class Settings(BaseSettings):
     backend: Backend = Field("torch", description="Inference engine: native torch, or an upstream server.")
     upstream: tuple[str, ...] = Field((), description="Upstream server URLs (for upstream backends).")
     tokenizer: str | None = Field(None, description="Tokenizer folder when --model is not a local folder.")
+    upstream_model: str | None = Field(
+        None, description="The base model's name on the upstream; default: --model, or discovered from the upstream."
+    )
+    upstream_api_key: str | None = Field(None, description="Bearer token the gateway sends to the upstream.")
+    upstream_connect_timeout: float = Field(2.0, gt=0, description="Seconds to connect to an upstream replica.")
+    upstream_first_byte_timeout: float = Field(
+        120.0, gt=0, description="Seconds an upstream may take to start answering (prefill included)."
+    )
+    upstream_idle_timeout: float = Field(60.0, gt=0, description="Longest silence inside an upstream stream, seconds.")
+    upstream_health_interval: float = Field(5.0, ge=0, description="Seconds between upstream health checks (0: off).")
+    upstream_runtime_adapters: bool = Field(
+        True, description="vLLM: load adapters it does not serve with /v1/load_lora_adapter."
+    )
     device: Device = Field("auto", description="Where the native backend runs: cuda, npu (torch-npu) or cpu.")
     dtype: DType = Field("auto", description="Weights dtype for the native backend (auto: bf16 on GPU, fp32 on CPU).")
     max_batch_size: int = Field(8, ge=1, description="Most sequences decoded together by the native engine.")
