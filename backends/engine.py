@@ -191,14 +191,8 @@ class Engine:
             command.future.set_exception(error)
         self._rows, self._cache, self._mask = [], None, None
 
-    def _forward(
-        self,
-        input_ids: torch.Tensor,
-        mask: torch.Tensor,
-        positions: torch.Tensor,
-        cache: DynamicCache,
-        adapters: list[str],
-    ) -> torch.Tensor:
+    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
+                 adapters: list[str]) -> torch.Tensor:
         kwargs: dict[str, Any] = {"adapter_names": adapters} if self.uses_adapters else {}
         out = self.model(
             input_ids=input_ids,

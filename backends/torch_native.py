@@ -55,38 +55,20 @@ class TorchBackend:
     Build with ``await TorchBackend.load(...)``: weights load off the event loop.
     """
 
-    def __init__(
-        self,
-        model: Any,
-        *,
-        device: torch.device,
-        eos_token_ids: frozenset[int],
-        pad_token_id: int,
-        max_model_len: int,
-        max_batch_size: int,
-        max_queue: int,
-    ) -> None:
+    def __init__(self, model: Any, *, device: torch.device, eos_token_ids: frozenset[int], pad_token_id: int,
+                 max_model_len: int, max_batch_size: int, max_queue: int) -> None:
         self.device = device
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
         self.capabilities = Capabilities(runtime_adapters=True, max_context=max_model_len)
         self.adapter_paths: dict[str, str] = {}
-        self._engine = Engine(
-            model, device=device, pad_token_id=pad_token_id, max_batch_size=max_batch_size, max_queue=max_queue
-        )
+        self._engine = Engine(model, device=device, pad_token_id=pad_token_id, max_batch_size=max_batch_size,
+                              max_queue=max_queue)
 
     @classmethod
-    async def load(
-        cls,
-        model_dir: str | Path,
-        *,
-        device: str = "auto",
-        dtype: str = "auto",
-        max_model_len: int | None = None,
-        max_batch_size: int = 8,
-        max_queue: int = 256,
-        pad_token_id: int | None = None,
-    ) -> TorchBackend:
+    async def load(cls, model_dir: str | Path, *, device: str = "auto", dtype: str = "auto",
+                   max_model_len: int | None = None, max_batch_size: int = 8, max_queue: int = 256,
+                   pad_token_id: int | None = None) -> TorchBackend:
         torch_device = pick_device(device)
         torch_dtype = pick_dtype(dtype, torch_device)
 
@@ -105,15 +87,8 @@ class TorchBackend:
             eos.update(value if isinstance(value, list) else [value] if value is not None else [])
         pad = pad_token_id if pad_token_id is not None else (getattr(config, "pad_token_id", None) or 0)
         log.info("loaded %s on %s as %s (context %d)", model_dir, torch_device, torch_dtype, context)
-        return cls(
-            model,
-            device=torch_device,
-            eos_token_ids=frozenset(eos),
-            pad_token_id=pad,
-            max_model_len=context,
-            max_batch_size=max_batch_size,
-            max_queue=max_queue,
-        )
+        return cls(model, device=torch_device, eos_token_ids=frozenset(eos), pad_token_id=pad,
+                   max_model_len=context, max_batch_size=max_batch_size, max_queue=max_queue)
 
     # --- generation ---------------------------------------------------------------------------------------------
 
@@ -186,14 +161,10 @@ class TorchBackend:
     # --- lifecycle ----------------------------------------------------------------------------------------------
 
     async def health(self) -> Health:
-        return Health(
-            ok=True,
-            detail=f"{self.device.type}",
-            extra={
-                "batch": self._engine.batch_size,
-                "queued": self._engine.queue_depth,
-            },
-        )
+        return Health(ok=True, detail=f"{self.device.type}", extra={
+            "batch": self._engine.batch_size, "queued": self._engine.queue_depth,
+        })
 
     async def aclose(self) -> None:
         await anyio.to_thread.run_sync(self._engine.stop)
+
