@@ -37,6 +37,8 @@ async def parse_completion_stream(lines: AsyncIterator[str]) -> AsyncIterator[De
             continue  # blank separators, ": keep-alive" comments, "event:" / "id:" fields
         data = line[5:].strip()
         if data == "[DONE]":
+            async for _ in lines:  # read the body to its end so the connection is reused
+                pass
             break
         try:
             chunk = json.loads(data)

@@ -48,6 +48,8 @@ async def parse_ndjson_stream(lines: AsyncIterator[str]) -> AsyncIterator[Delta]
         if chunk.get("done"):
             if text:
                 yield Delta(text=text)
+            async for _ in lines:  # read the body to its end so the connection is reused
+                pass
             reason = _DONE.get(chunk.get("done_reason") or "stop")
             if reason is None:
                 raise UpstreamError(f"Ollama finished with {chunk.get('done_reason')!r}")

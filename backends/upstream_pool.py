@@ -160,7 +160,8 @@ class UpstreamPool:
         """POST ``payload`` as JSON and yield the answer line by line (blank lines included).
 
         Retries on another replica until the first non-blank line arrives; never after. Closing the
-        iterator closes the upstream connection, which is how the upstream learns the request was cancelled.
+        iterator before the answer ended closes the upstream connection, which is how the upstream learns the
+        request was cancelled; reading it to the end returns the connection to the keep-alive pool.
         """
         failures: list[str] = []
         answered: GatewayError | None = None  # the error of the last replica that answered with a 5xx
@@ -181,12 +182,10 @@ class UpstreamPool:
                             failures.append(f"{replica.url}: HTTP {response.status_code}")
                             answered = error
                             continue
-                        lines = response.aiter_lines()
-                        blanks = 0
-                        first = await lines.__anext__()
-                        while not first.strip():
-                            blanks += 1
-                            first = await lines.__anext__()
+                        reader = _LineReader(response.aiter_bytes())
+                        lines = await reader.read()
+                        while not any(line.strip() for line in lines):
+                            lines += await reader.read()
                 except StopAsyncIteration:
                     failures.append(f"{replica.url}: empty answer")
                     answered = UpstreamError(f"upstream {replica.url} closed the stream without answering")
@@ -196,13 +195,12 @@ class UpstreamPool:
                     failures.append(f"{replica.url}: {replica.last_error}")
                     continue
                 replica.healthy = True
-                for _ in range(blanks):
-                    yield ""
-                yield first
                 while True:
+                    for line in lines:
+                        yield line
                     try:
                         async with _deadline(self.timeouts.idle):
-                            line = await lines.__anext__()
+                            lines = await reader.read()
                     except StopAsyncIteration:
                         return
                     except TimeoutError as exc:
@@ -214,7 +212,6 @@ class UpstreamPool:
                         raise UpstreamError(
                             f"upstream {replica.url} broke off the stream: {replica.last_error}"
                         ) from exc
-                    yield line
             finally:
                 replica.in_flight -= 1
                 if response is not None:
@@ -253,3 +250,29 @@ class UpstreamPool:
                 return response
             raise error_mapper(response.status_code, response.content)
         raise BackendUnavailable("no upstream replica could be reached: " + "; ".join(failures))
+
+
+class _LineReader:
+    """Complete lines from a byte stream, one network read at a time (a line never splits a UTF-8 character:
+    byte 0x0A only ever encodes ``\\n``). ``read()`` raises ``StopAsyncIteration`` at the end of the stream."""
+
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self._chunks = chunks
+        self._rest = b""
+
+    async def read(self) -> list[str]:
+        while True:
+            try:
+                chunk = await self._chunks.__anext__()
+            except StopAsyncIteration:
+                if self._rest:
+                    rest, self._rest = self._rest, b""
+                    return [rest.decode("utf-8", "replace").rstrip("\r")]
+                raise
+            data = self._rest + chunk
+            cut = data.rfind(b"\n")
+            if cut < 0:
+                self._rest = data
+                continue
+            self._rest = data[cut + 1 :]
+            return [line.rstrip("\r") for line in data[:cut].decode("utf-8", "replace").split("\n")]
