@@ -28,6 +28,7 @@ import anyio
 import httpx
 
 from backends.base import Health
+from backends.http_transport import KeepAliveTransport
 from gateway.errors import BackendUnavailable, GatewayError, UpstreamError
 
 ErrorMapper = Callable[[int, bytes], GatewayError]
@@ -90,7 +91,7 @@ class UpstreamPool:
         # httpx's own read timeout is only a backstop; first-byte and idle limits are enforced per line below.
         self._client = httpx.AsyncClient(
             headers=headers,
-            transport=transport,
+            transport=transport if transport is not None else KeepAliveTransport(max_idle_per_origin=max_connections),
             timeout=httpx.Timeout(
                 connect=t.connect, read=max(t.first_byte, t.idle) + 1, write=t.request, pool=t.connect
             ),

@@ -110,6 +110,52 @@ def run_gateway(port: int, upstream: str) -> None:
     uvicorn.run(create_app(settings), host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
+def run_backend_proxy(port: int, upstream: str) -> None:
+    """The upstream backend alone behind a bare ASGI app: what the backend costs, without the gateway's routes."""
+    import uvicorn
+
+    from backends.base import GenerationRequest, SamplingParams
+    from backends.openai_compat import OpenAICompatBackend
+    from backends.upstream_pool import Timeouts, UpstreamPool
+
+    state: dict[str, Any] = {}
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    pool = UpstreamPool([upstream], timeouts=Timeouts(health_interval=0))
+                    state["backend"] = OpenAICompatBackend(pool, base_model="bench-base")
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await state["backend"].aclose()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        body = b""
+        more = True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        data = json.loads(body)
+        sampling = SamplingParams(max_tokens=data["max_tokens"])
+        request = GenerationRequest("r", (1, 2, 3), data["prompt"], None, sampling)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        async for delta in state["backend"].generate(request):
+            chunk = {"choices": [{"index": 0, "text": delta.text, "finish_reason": delta.finish_reason}]}
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": b"data: " + json.dumps(chunk).encode() + b"\n\n",
+                    "more_body": True,
+                }
+            )
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
 # ---------------------------------------------------------------- lean client
 async def one_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> tuple[float, float]:
     """Send one request on a keep-alive connection; return (time to first token, time to last token) in s."""
