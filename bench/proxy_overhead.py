@@ -236,7 +236,7 @@ def free_port() -> int:
 
 async def measure(args: argparse.Namespace, up_port: int, gw_port: int) -> dict[str, Any]:
     direct_body = {"model": "bench-base", "prompt": "Say something.", "max_tokens": args.tokens, "stream": True}
-    gateway_body = {**direct_body, "model": "bench"}
+    gateway_body = {**direct_body, "model": "bench" if args.through == "gateway" else "bench-base"}
     await level(up_port, direct_body, 4, 3)  # warm up both paths
     await level(gw_port, gateway_body, 4, 3)
     results: dict[str, Any] = {}
@@ -275,7 +275,15 @@ def main() -> None:
     parser.add_argument("--interval-ms", type=float, default=20.0, help="upstream time between tokens")
     parser.add_argument("--requests-per-stream", type=int, default=3)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 50, 200])
-    parser.add_argument("--role", choices=["bench", "upstream", "gateway"], default="bench", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--through",
+        choices=["gateway", "backend"],
+        default="gateway",
+        help="gateway: the real app; backend: only the upstream backend behind a bare ASGI app (attribution)",
+    )
+    parser.add_argument(
+        "--role", choices=["bench", "upstream", "gateway", "backend"], default="bench", help=argparse.SUPPRESS
+    )
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--upstream", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -283,6 +291,8 @@ def main() -> None:
         return run_upstream(args.port, args.tokens, args.interval_ms / 1000)
     if args.role == "gateway":
         return run_gateway(args.port, args.upstream)
+    if args.role == "backend":
+        return run_backend_proxy(args.port, args.upstream)
 
     up_port, gw_port = free_port(), free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -290,12 +300,13 @@ def main() -> None:
     common = ["--tokens", str(args.tokens), "--interval-ms", str(args.interval_ms)]
     upstream = subprocess.Popen([*me, "--role", "upstream", "--port", str(up_port), *common], env=env)
     gateway = subprocess.Popen(
-        [*me, "--role", "gateway", "--port", str(gw_port), "--upstream", f"http://127.0.0.1:{up_port}"], env=env
+        [*me, "--role", args.through, "--port", str(gw_port), "--upstream", f"http://127.0.0.1:{up_port}"], env=env
     )
     try:
         wait_port(up_port)
         wait_port(gw_port)
-        print(f"upstream: {args.tokens} tokens, {args.interval_ms:g} ms apart; gateway: real app, --backend openai")
+        what = "real app, --backend openai" if args.through == "gateway" else "OpenAICompatBackend in a bare ASGI app"
+        print(f"upstream: {args.tokens} tokens, {args.interval_ms:g} ms apart; through: {what}")
         results = asyncio.run(measure(args, up_port, gw_port))
     finally:
         for process in (gateway, upstream):
@@ -315,6 +326,7 @@ def main() -> None:
         "concurrency": max(args.concurrency),
         "tokens": args.tokens,
         "interval_ms": args.interval_ms,
+        "through": args.through,
         "levels": {
             k: {kk: round(vv, 3) for kk, vv in v.items() if kk.startswith("added") or kk == "rps_ratio"}
             for k, v in results.items()
