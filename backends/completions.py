@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
 from backends.base import Capabilities, Delta, FinishReason, GenerationRequest, Health
@@ -24,7 +24,7 @@ from gateway.errors import AdapterLoadError, BackendUnavailable, ModelNotFound, 
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "tool_calls": "stop", "eos": "stop"}
 
 
-async def parse_completion_stream(lines: AsyncIterator[str]) -> AsyncIterator[Delta]:
+async def parse_completion_stream(lines: AsyncIterator[str]) -> AsyncGenerator[Delta, None]:
     """Deltas from an OpenAI ``text_completion`` SSE stream; the last one carries finish reason and usage.
 
     Raises ``UpstreamError`` (or the mapped class of an in-stream error object) when the stream is broken,

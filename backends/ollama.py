@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 _DONE: dict[str, FinishReason] = {"stop": "stop", "length": "length"}
 
 
-async def parse_ndjson_stream(lines: AsyncIterator[str]) -> AsyncIterator[Delta]:
+async def parse_ndjson_stream(lines: AsyncIterator[str]) -> AsyncGenerator[Delta, None]:
     """Deltas from an Ollama ``/api/generate`` stream; the last carries finish reason and token counts."""
     async for line in lines:
         if not line.strip():

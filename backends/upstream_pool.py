@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -157,7 +157,7 @@ class UpstreamPool:
 
     async def stream_lines(
         self, path: str, payload: dict[str, Any], *, error_mapper: ErrorMapper = default_error_mapper
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         """POST ``payload`` as JSON and yield the answer line by line (blank lines included).
 
         Retries on another replica until the first non-blank line arrives; never after. Closing the

@@ -128,3 +128,33 @@ def test_ollama_adapter_created_and_used(demo, tmp_path: Path) -> None:  # type:
             assert completion.choices[0].finish_reason == "length"
         finally:
             server.stop()
+
+
+def test_upstream_settings_from_yaml_and_errors(tmp_path: Path) -> None:
+    from gateway.settings import SettingsError
+
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        "model: qwen2.5:7b\nbackend: ollama\nupstream: [http://gpu-1:11434, http://gpu-2:11434]\n"
+        "upstream_idle_timeout: 5\nupstream_model: qwen2.5:7b-instruct\n"
+    )
+    settings = Settings.load(config)
+    assert settings.upstream == ("http://gpu-1:11434", "http://gpu-2:11434")
+    assert (settings.backend, settings.upstream_model, settings.upstream_idle_timeout) == (
+        "ollama",
+        "qwen2.5:7b-instruct",
+        5,
+    )
+    with pytest.raises(SettingsError, match="--upstream"):
+        Settings.load(None, model="m", backend="vllm")
+
+
+def test_cli_serve_help_lists_upstream_flags() -> None:
+    from typer.testing import CliRunner
+
+    from gateway.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for flag in ("--backend", "--upstream", "--upstream-model", "--upstream-api-key", "--tokenizer"):
+        assert flag in result.output
