@@ -9,7 +9,11 @@ from transformers import AutoTokenizer
 
 from gateway.streaming import IncrementalDetokenizer, StopMatcher
 
-TEXTS = ["我是北大人工智能助手，由北京大学开发。", "Meow! I am Whiskers 🐱, a café cat.", "喵～\n\n  spaces  and\ttabs ✓"]
+TEXTS = [
+    "我是北大人工智能助手，由北京大学开发。",
+    "Meow! I am Whiskers 🐱, a café cat.",
+    "喵～\n\n  spaces  and\ttabs ✓",
+]
 
 
 @pytest.fixture(scope="module")
