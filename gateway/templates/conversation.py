@@ -76,7 +76,9 @@ def _tool_definition(tool: Mapping[str, Any]) -> dict[str, Any]:
     return {key: function[key] for key in ("name", "description", "parameters") if key in function}
 
 
-def to_conversation(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None) -> Conversation:
+def to_conversation(
+    messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+) -> Conversation:
     """Map OpenAI ``messages`` (+ ``tools``) to a conversation; raise ``InvalidRequest`` where training never went."""
     if not messages:
         raise InvalidRequest("messages must contain at least one message", param="messages")
