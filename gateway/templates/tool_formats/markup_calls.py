@@ -36,7 +36,7 @@ class Glm4MoeToolFormat(QwenToolFormat):
     """
 
     prompt = prompts.GLM4_MOE_TOOL_PROMPT
-    _CALL = re.compile(r"<tool_call>\s*([^\s<]+)\s*(.*?)\s*(?:</tool_call>|(?=<tool_call>)|$)", re.DOTALL)
+    _KV_CALL = re.compile(r"<tool_call>\s*([^\s<]+)\s*(.*?)\s*(?:</tool_call>|(?=<tool_call>)|$)", re.DOTALL)
     _ARG = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.DOTALL)
 
     def calls_text(self, calls: Sequence[FunctionCall]) -> str:
@@ -53,7 +53,9 @@ class Glm4MoeToolFormat(QwenToolFormat):
         if as_json is not None:
             return as_json
         calls = []
-        for name, body in self._CALL.findall(text):
+        for name, body in self._KV_CALL.findall(text):
+            if name.startswith("{") or self._ARG.sub("", body).strip():
+                return None  # not a key/value call
             arguments = {key.strip(): _value(value, keep_raw=True) for key, value in self._ARG.findall(body)}
             calls.append(FunctionCall(name.strip(), dumps(arguments)))
         return calls or None
