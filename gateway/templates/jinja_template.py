@@ -141,7 +141,11 @@ class JinjaTemplate:
         thought_words = DEFAULT_THOUGHT_WORDS if self.reasoning else None
         in_thought = False
         if thought_words is not None:
-            probe = self.render([{"role": "user", "content": "x"}], enable_thinking=enable_thinking).prompt
+            # Does the generation prompt leave a thought open (as Qwen3 / DeepSeek-R1 style templates may)?
+            try:
+                probe = self.render([{"role": "user", "content": "x"}], enable_thinking=enable_thinking).prompt
+            except InvalidRequest:
+                probe = ""
             opened, closed = probe.rfind(thought_words[0].strip()), probe.rfind(thought_words[1].strip())
             in_thought = opened >= 0 and opened > closed
         return OutputParser(

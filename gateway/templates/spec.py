@@ -24,11 +24,11 @@ TemplateClass = Literal["plain", "llama2", "reasoning", "reasoning_glm47"]
 
 DEFAULT_THOUGHT_WORDS = ("<think>\n", "\n</think>\n\n")
 DEFAULT_TOOL_CALL_WORDS = ("<tool_call>", "</tool_call>")
-_FIELDS = {
+_FIELDS = frozenset({
     "name", "format_user", "format_assistant", "format_system", "format_function", "format_observation",
     "format_tools", "format_prefix", "default_system", "stop_words", "thought_words", "tool_call_words",
-    "efficient_eos", "replace_eos", "enable_thinking", "preserve_thinking", "template_class",
-}  # fmt: skip
+    "efficient_eos", "replace_eos", "enable_thinking", "template_class",
+})  # fmt: skip
 
 
 class TemplateNotFound(KeyError):

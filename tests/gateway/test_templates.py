@@ -115,3 +115,36 @@ def test_extra_cases_cover_every_template_and_conversation() -> None:
     data = _extra()
     covered = {(case["template"], case["conversation"]) for case in data["cases"]}
     assert covered == {(name, conversation) for name in LF_TEXT_TEMPLATES for conversation in data["conversations"]}
+
+
+def test_placeholders_are_filled_in_order_first_occurrence_only() -> None:
+    """LLaMA-Factory's StringFormatter: ``content`` first, then ``idx``, each once; a value is never evaluated, but
+    an ``{{idx}}`` that comes from the content before the slot's own is the one filled (as in training)."""
+    from gateway.templates import render, to_conversation
+    from gateway.templates.spec import parse_spec
+
+    spec = parse_spec({"name": "t", "format_user": ["{{content}} (turn {{idx}})\n"], "efficient_eos": True})
+    messages = [
+        {"role": "user", "content": "a {{idx}} {{content}}"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+    ]
+    prompt = render(spec, to_conversation(messages)).prompt
+    assert prompt == "a 0 {{content}} (turn {{idx}})\nbc (turn 1)\n"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"name": "t", "format_user": "{{content}}"},
+        {"name": "t", "format_user": [{"special": "bos_token", "token": "x"}]},
+        {"name": "t", "format_tools": {"tool_fmt": "qwen"}},
+        {"name": "t", "unknown_field": 1},
+        {"name": "t", "template_class": "Reasoning"},
+    ],
+)
+def test_bad_spec_files_are_refused(data: dict[str, Any]) -> None:
+    from gateway.templates.spec import parse_spec
+
+    with pytest.raises(ValueError, match="template t"):
+        parse_spec(data)
