@@ -188,3 +188,17 @@ def render(
     if spec.reasoning and not thinking and opens and closes:
         segments.append(Segment("text", empty_thought(spec)))
     return Rendering(segments=tuple(segments), stop=spec.stop(eos_token))
+
+
+def render_response(
+    spec: TemplateSpec, turn: Turn, *, bos_token: str | None = None, eos_token: str | None = None
+) -> tuple[Segment, ...]:
+    """The elements of an answer as LLaMA-Factory trains on it: the assistant formatter applied to an
+    ``assistant`` turn, or the function formatter to a ``function`` turn (content: JSON list of calls).
+
+    Together with ``render`` for the prompt this gives a training pair. Reasoning templates' thought handling (the
+    empty think block LLaMA-Factory puts in front of a thought-less answer when thinking is on) is the caller's.
+    """
+    if turn.role not in ("assistant", "function"):
+        raise ValueError(f"an answer is an assistant or function turn, not {turn.role!r}")
+    return tuple(_segments(_turn_elements(spec, turn, 1, None), bos_token, spec.eos_token(eos_token)))

@@ -148,3 +148,19 @@ def test_bad_spec_files_are_refused(data: dict[str, Any]) -> None:
 
     with pytest.raises(ValueError, match="template t"):
         parse_spec(data)
+
+
+def test_render_response_is_the_trained_answer() -> None:
+    from gateway.templates import Turn
+    from gateway.templates.rendering import render_response
+
+    qwen = load_spec("qwen")
+    call = Turn("function", json.dumps([{"name": "f", "arguments": {"a": "北京"}}], ensure_ascii=False))
+    assert [s.text for s in render_response(qwen, call)] == [
+        '<tool_call>\n{"name": "f", "arguments": {"a": "北京"}}\n</tool_call><|im_end|>\n'
+    ]
+    llama2 = load_spec("llama2")
+    answer = render_response(llama2, Turn("assistant", "A"), eos_token="</s>")
+    assert [(s.kind, s.text) for s in answer] == [("text", "A"), ("special", "</s>")]
+    with pytest.raises(ValueError):
+        render_response(qwen, Turn("user", "U"))
