@@ -117,10 +117,11 @@ class OutputParser:
         """Everything still held, once the output is complete."""
         rest, self._pending = self._pending, ""
         reasoning, content = "", ""
-        if self._state == "reasoning" or self._state == "open_tail":
-            reasoning = rest if self._state == "reasoning" else ""
-        elif self._state != "after_thought":
+        if self._state == "reasoning":
+            reasoning = rest  # an unfinished thought
+        elif self._state in ("start", "content"):
             content = rest
+        # else: part of the opening word's newline, or newlines after the thought: dropped
         delta = self._delta(reasoning, content)
         if self._tools is None:
             return delta
