@@ -104,7 +104,8 @@ class OutputParser:
     def feed(self, text: str) -> ParsedDelta:
         """What ``text`` (the next piece of output) lets us show now."""
         self._pending += text
-        reasoning, content = [], []
+        reasoning: list[str] = []
+        content: list[str] = []
         while self._pending:
             step = getattr(self, f"_step_{self._state}")()
             if step is None:
