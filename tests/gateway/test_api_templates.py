@@ -92,8 +92,10 @@ def test_tool_choice_none_suppresses_calls(client: openai.OpenAI) -> None:
 def test_tool_result_cycle(client: openai.OpenAI) -> None:
     messages = [
         *ASK_WEATHER,
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_0", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "北京"}'}}]},
+        {"role": "assistant", "content": None, "tool_calls": [{
+            "id": "call_0", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "北京"}'},
+        }]},
         {"role": "tool", "tool_call_id": "call_0", "content": "晴，25°C"},
     ]
     answer = client.chat.completions.create(model="thinker", temperature=0, messages=messages,  # type: ignore[arg-type]
