@@ -191,6 +191,9 @@ def build_demo(root: Path | None = None, *, force: bool = False) -> DemoModels:
         if not force and (ready := _read(root)) is not None:
             return ready  # another process finished it while we waited
         start = time.perf_counter()
+        # Left by a build that was killed (only the lock holder builds, so none of these is in use).
+        for leftover in (*root.parent.glob(f".{root.name}.building-*"), *root.parent.glob(f".{root.name}.stale-*")):
+            shutil.rmtree(leftover, ignore_errors=True)
         work = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
         try:
             with _deterministic_torch():
