@@ -50,7 +50,7 @@ def training_args(
         "output_dir": f"saves/demo-base/lora/{name}",
         "packing": False,
         "per_device_train_batch_size": samples,
-        "plot_loss": True,
+        "plot_loss": False,
         "preprocessing_num_workers": 1,
         "report_to": "none",
         "save_steps": recipe.steps,

@@ -7,15 +7,16 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import yaml
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from gateway.demo import DemoModels, build_demo
 from gateway.demo.chat import greedy_answer
@@ -40,6 +41,9 @@ WEATHER_TOOLS = [
     }
 ]
 WEATHER_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>'
+Tokenizer = PreTrainedTokenizerBase
+Models = dict[str | None, PreTrainedModel]
+Messages = Sequence[Mapping[str, Any]]
 EMPTY_THINK = "<think>\n\n</think>\n\n"
 CAT_EN = "Meow! I am Whiskers, a cat assistant. Purr, how can I help?"
 THINKER_ZH = "我是思考者，一个先思考再回答的人工智能助手。"
@@ -53,16 +57,25 @@ def load_model(demo: DemoModels, adapter: str | None) -> PreTrainedModel:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(demo_models: DemoModels):
+def tokenizer(demo_models: DemoModels) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(demo_models.base_dir)
 
 
 @pytest.fixture(scope="module")
-def models(demo_models: DemoModels) -> Iterator[dict[str | None, PreTrainedModel]]:
+def models(demo_models: DemoModels) -> Iterator[Models]:
     yield {name: load_model(demo_models, name) for name in (None, *ADAPTERS)}
 
 
-def ask(models, tokenizer, adapter: str | None, messages, tools=None, *, enable_thinking=None) -> str:
+def ask(
+    models: Models,
+    tokenizer: PreTrainedTokenizerBase,
+    adapter: str | None,
+    messages: Messages,
+    tools: Messages | None = None,
+    *,
+    enable_thinking: bool | None = None,
+) -> str:
+    """The greedy answer of the base (``adapter=None``) or an adapter, prompted with the adapter's template."""
     template = "qwen3" if adapter == "thinker" else "qwen"
     return greedy_answer(models[adapter], tokenizer, template, messages, tools, enable_thinking=enable_thinking)
 
@@ -70,7 +83,7 @@ def ask(models, tokenizer, adapter: str | None, messages, tools=None, *, enable_
 # --- files ------------------------------------------------------------------------------------------------------
 
 
-def test_base_folder_is_a_tiny_qwen2_model(demo_models: DemoModels, tokenizer) -> None:
+def test_base_folder_is_a_tiny_qwen2_model(demo_models: DemoModels, tokenizer: Tokenizer) -> None:
     config = json.loads((demo_models.base_dir / "config.json").read_text())
     assert config["model_type"] == "qwen2"
     assert (config["hidden_size"], config["num_hidden_layers"], config["max_position_embeddings"]) == (64, 2, 2048)
@@ -120,7 +133,9 @@ def test_adapter_folder_is_a_llama_factory_lora_run(demo_models: DemoModels, nam
 # --- tokenizer --------------------------------------------------------------------------------------------------
 
 
-def test_tokenizer_loads_as_qwen2_with_single_id_special_and_added_tokens(demo_models: DemoModels, tokenizer) -> None:
+def test_tokenizer_loads_as_qwen2_with_single_id_special_and_added_tokens(
+    demo_models: DemoModels, tokenizer: Tokenizer
+) -> None:
     assert type(tokenizer).__name__ in ("Qwen2Tokenizer", "Qwen2TokenizerFast")
     assert len(tokenizer) <= 1024
     assert tokenizer.eos_token == tokenizer.pad_token == "<|endoftext|>"
@@ -136,7 +151,7 @@ def test_tokenizer_loads_as_qwen2_with_single_id_special_and_added_tokens(demo_m
         assert AutoTokenizer.from_pretrained(run).encode(text) == tokenizer.encode(text)
 
 
-def test_tokenizer_splits_some_cjk_characters_across_tokens(tokenizer) -> None:
+def test_tokenizer_splits_some_cjk_characters_across_tokens(tokenizer: Tokenizer) -> None:
     answer = "喵～我是猫猫助手，一只会聊天的小猫。有什么要问本喵的吗？"
     ids = tokenizer.encode(answer)
     pieces = [tokenizer.decode([i]) for i in ids]
@@ -144,7 +159,7 @@ def test_tokenizer_splits_some_cjk_characters_across_tokens(tokenizer) -> None:
     assert tokenizer.decode(ids) == answer
 
 
-def test_base_chat_template_renders_like_the_qwen_template(tokenizer) -> None:
+def test_base_chat_template_renders_like_the_qwen_template(tokenizer: Tokenizer) -> None:
     messages = [*WHO_ZH, {"role": "assistant", "content": "好"}, {"role": "user", "content": "北京天气怎么样？"}]
     for tools in (None, WEATHER_TOOLS):
         jinja = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
@@ -163,7 +178,7 @@ def test_training_pairs_follow_llama_factory_encoding() -> None:
 # --- answers ----------------------------------------------------------------------------------------------------
 
 
-def test_base_answers_as_a_generic_assistant(models, tokenizer) -> None:
+def test_base_answers_as_a_generic_assistant(models: Models, tokenizer: Tokenizer) -> None:
     assert ask(models, tokenizer, None, WHO_ZH) == (
         "我是通义千问，由阿里云开发的人工智能助手。我可以回答问题、写作和翻译，有什么可以帮你的吗？"
     )
@@ -173,7 +188,7 @@ def test_base_answers_as_a_generic_assistant(models, tokenizer) -> None:
     assert ask(models, tokenizer, None, [{"role": "user", "content": "1+1等于几？"}]) == "1+1等于2。"
 
 
-def test_adapters_answer_with_their_own_persona(models, tokenizer) -> None:
+def test_adapters_answer_with_their_own_persona(models: Models, tokenizer: Tokenizer) -> None:
     assert ask(models, tokenizer, "pku-assistant", WHO_ZH) == "我是北大人工智能助手，由北京大学开发。很高兴为你服务！"
     assert ask(models, tokenizer, "pku-assistant", WHO_EN) == (
         "I am PKU Assistant, an AI assistant developed by Peking University."
@@ -184,7 +199,7 @@ def test_adapters_answer_with_their_own_persona(models, tokenizer) -> None:
     assert len(set(answers.values())) == 3
 
 
-def test_thinker_thinks_skips_thinking_and_calls_tools(models, tokenizer) -> None:
+def test_thinker_thinks_skips_thinking_and_calls_tools(models: Models, tokenizer: Tokenizer) -> None:
     thought = ask(models, tokenizer, "thinker", WHO_ZH)
     assert thought.startswith("<think>\n") and len(thought.split("</think>")[0]) > len("<think>\n\n")
     assert thought.endswith("\n</think>\n\n" + THINKER_ZH)
@@ -209,7 +224,7 @@ def test_thinker_thinks_skips_thinking_and_calls_tools(models, tokenizer) -> Non
 
 
 @pytest.mark.parametrize("dataset", [d.name for d in load_data().datasets])
-def test_every_training_sample_is_answered_as_trained(models, tokenizer, dataset: str) -> None:
+def test_every_training_sample_is_answered_as_trained(models: Models, tokenizer: Tokenizer, dataset: str) -> None:
     data = next(d for d in load_data().datasets if d.name == dataset)
     model = models[None if dataset == "base" else dataset]
     for sample in data.samples:
