@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pytest
 
-from gateway.demo import DemoModels, build_demo
+if TYPE_CHECKING:
+    from gateway.demo import DemoModels
 
 
 @pytest.fixture(scope="session")
 def demo_models(tmp_path_factory: pytest.TempPathFactory) -> DemoModels:
     """The demo base model and adapters, built once per test session into a temporary folder (~10 s)."""
+    from gateway.demo import build_demo  # imports torch: only for sessions that use the demo
+
     return build_demo(tmp_path_factory.mktemp("demo") / "zoo")

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -31,7 +32,7 @@ from transformers import AutoTokenizer
 from gateway.demo.data import DemoData, corpus, encode_pair, load_data, render_pair
 from gateway.demo.model import base_config, new_model, save_base
 from gateway.demo.run_folder import save_run_folder, training_args
-from gateway.demo.tokenizer import ENDOFTEXT, IM_END, save_tokenizer, train_tokenizer
+from gateway.demo.tokenizer import ENDOFTEXT, IM_END, save_tokenizer, token_id, train_tokenizer
 from gateway.demo.training import train_full, train_lora
 
 # Bump when the recipe changes in a way data.yaml does not show (code, architecture, file layout).
@@ -91,7 +92,7 @@ def _file_lock(path: Path) -> Iterator[None]:
     """An exclusive advisory lock held while the block runs (released by the OS if the process dies)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as handle:
-        if os.name == "nt":  # pragma: no cover - exercised on Windows only
+        if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
             import msvcrt
 
             handle.seek(0)
@@ -134,12 +135,12 @@ def _build_into(work: Path, final_root: Path, data: DemoData) -> None:
     base_dir = work / "base"
     chat_template = resources.files("gateway.demo").joinpath("chat_template.jinja").read_text(encoding="utf-8")
     raw_tokenizer = train_tokenizer(corpus(data))
-    token_ids = {token: raw_tokenizer.token_to_id(token) for token in (ENDOFTEXT, IM_END)}
+    token_ids = {token: token_id(raw_tokenizer, token) for token in (ENDOFTEXT, IM_END)}
     config = base_config(eos_token_id=token_ids[IM_END], pad_token_id=token_ids[ENDOFTEXT])
     config.save_pretrained(base_dir)  # first: AutoTokenizer picks Qwen2Tokenizer from the model type
     save_tokenizer(raw_tokenizer, base_dir, chat_template)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    pad_id = tokenizer.pad_token_id
+    pad_id = token_ids[ENDOFTEXT]
 
     base = data.base
     base_pairs = [encode_pair(tokenizer, render_pair(base.template, sample)) for sample in base.samples]
