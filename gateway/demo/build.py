@@ -26,14 +26,6 @@ from importlib import resources
 from pathlib import Path
 
 import platformdirs
-import torch
-from transformers import AutoTokenizer
-
-from gateway.demo.data import DemoData, corpus, encode_pair, load_data, render_pair
-from gateway.demo.model import base_config, new_model, save_base
-from gateway.demo.run_folder import save_run_folder, training_args
-from gateway.demo.tokenizer import ENDOFTEXT, IM_END, save_tokenizer, token_id, train_tokenizer
-from gateway.demo.training import train_full, train_lora
 
 # Bump when the recipe changes in a way data.yaml does not show (code, architecture, file layout).
 RECIPE_VERSION = 1
@@ -119,7 +111,12 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _deterministic_torch() -> Iterator[None]:
-    """One thread and deterministic kernels for the build, restoring the caller's settings afterwards."""
+    """One thread and deterministic kernels for the build, restoring the caller's settings afterwards.
+
+    One thread makes the weights independent of the machine's core count. The settings are process-wide: torch
+    work in other threads during a build runs single-threaded too."""
+    import torch
+
     threads = torch.get_num_threads()
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(1)
@@ -131,7 +128,17 @@ def _deterministic_torch() -> Iterator[None]:
         torch.use_deterministic_algorithms(deterministic)
 
 
-def _build_into(work: Path, final_root: Path, data: DemoData) -> None:
+def _build_into(work: Path, final_root: Path) -> None:
+    # Imported here: reusing a finished cache must not pay for importing torch and transformers.
+    from transformers import AutoTokenizer
+
+    from gateway.demo.data import corpus, encode_pair, load_data, render_pair
+    from gateway.demo.model import base_config, new_model, save_base
+    from gateway.demo.run_folder import save_run_folder, training_args
+    from gateway.demo.tokenizer import ENDOFTEXT, IM_END, save_tokenizer, token_id, train_tokenizer
+    from gateway.demo.training import train_full, train_lora
+
+    data = load_data()
     base_dir = work / "base"
     chat_template = resources.files("gateway.demo").joinpath("chat_template.jinja").read_text(encoding="utf-8")
     raw_tokenizer = train_tokenizer(corpus(data))
@@ -198,7 +205,7 @@ def build_demo(root: Path | None = None, *, force: bool = False) -> DemoModels:
         work = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
         try:
             with _deterministic_torch():
-                _build_into(work, root, load_data())
+                _build_into(work, root)
             if root.exists():
                 stale = root.parent / f".{root.name}.stale-{os.getpid()}"
                 os.replace(root, stale)

@@ -253,6 +253,11 @@ def test_second_build_reuses_the_cache(demo_models: DemoModels) -> None:
     assert again.build_seconds is None
     assert (again.base_dir, again.adapters) == (demo_models.base_dir, demo_models.adapters)
     assert sorted(again.adapters) == sorted(ADAPTERS)
+    # Reusing a cache is cheap enough to do at every server start: not even torch is imported.
+    script = "import sys; from gateway.demo import build_demo; build_demo(sys.argv[1]); print('torch' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    result = subprocess.run([sys.executable, "-c", script, str(demo_models.root)], capture_output=True, env=env)
+    assert result.returncode == 0 and result.stdout.strip() == b"False", result.stderr
 
 
 def _weights(demo: DemoModels) -> dict[str, bytes]:
