@@ -16,6 +16,7 @@ import torch
 import yaml
 from peft import PeftModel
 from safetensors.torch import load_file
+from tokenizers import Tokenizer as RawTokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from gateway.demo import DemoModels, build_demo
@@ -145,8 +146,12 @@ def test_tokenizer_loads_as_qwen2_with_single_id_special_and_added_tokens(
     # The reasoning and tool markers are added tokens, not special ones: skip_special_tokens keeps them.
     text = "<think>\nx\n</think>\n\n<tool_call><|im_end|>"
     assert tokenizer.decode(tokenizer.encode(text), skip_special_tokens=True) == "<think>\nx\n</think>\n\n<tool_call>"
-    # The adapter folders carry the same tokenizer.
-    text += "你好，你是谁？"
+    # The adapter folders carry the same tokenizer, and tokenizer.json alone (how transformers 4.x and vLLM's
+    # PreTrainedTokenizerFast read it) tokenizes exactly like the rebuilt Qwen2Tokenizer.
+    text = "  Hello  world!\n\n\t12345 你好，你是谁？I'm <|im_start|>user\n<think>x</think> 北京  25°C\r\n end  "
+    raw = RawTokenizer.from_file(str(demo_models.base_dir / "tokenizer.json"))
+    assert raw.encode(text).ids == tokenizer.encode(text)
+    assert tokenizer.decode(tokenizer.encode(text)) == text
     for run in demo_models.adapters.values():
         assert AutoTokenizer.from_pretrained(run).encode(text) == tokenizer.encode(text)
 
