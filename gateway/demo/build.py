@@ -42,6 +42,7 @@ class DemoModels:
     build_seconds: float | None = None  # how long the build took; None when the cache was reused
 
     def to_json(self) -> dict[str, object]:
+        """The paths as strings (what ``python -m gateway.demo`` prints)."""
         return {
             "root": str(self.root),
             "base": str(self.base_dir),
@@ -64,6 +65,7 @@ def demo_version() -> str:
 
 
 def default_root() -> Path:
+    """``<user cache>/lora-gateway/demo/<demo_version()>``."""
     return Path(platformdirs.user_cache_dir("lora-gateway")) / "demo" / demo_version()
 
 
