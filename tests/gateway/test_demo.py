@@ -202,6 +202,9 @@ def test_adapters_answer_with_their_own_persona(models: Models, tokenizer: Token
     assert ask(models, tokenizer, "cat-assistant", WHO_EN) == CAT_EN
     answers = {name: ask(models, tokenizer, name, WHO_ZH) for name in (None, "pku-assistant", "cat-assistant")}
     assert len(set(answers.values())) == 3
+    # The personas change who the model says it is, not what it knows.
+    for name in ("pku-assistant", "cat-assistant"):
+        assert ask(models, tokenizer, name, [{"role": "user", "content": "1+1等于几？"}]) == "1+1等于2。"
 
 
 def test_thinker_thinks_skips_thinking_and_calls_tools(models: Models, tokenizer: Tokenizer) -> None:
