@@ -90,7 +90,8 @@ async def test_seeded_sampling_is_reproducible_in_any_batch(model_dirs: dict[str
     try:
         request = _request([30, 31, 32], "a", temperature=1.0, seed=7, top_p=0.9, top_k=50)
         alone = await _collect(backend, request)
-        crowd = await asyncio.gather(_collect(backend, request), *(_collect(backend, _request(p, a)) for p, a in PROMPTS))
+        others = (_collect(backend, _request(p, a)) for p, a in PROMPTS)
+        crowd = await asyncio.gather(_collect(backend, request), *others)
         other_seed = await _collect(backend, _request([30, 31, 32], "a", temperature=1.0, seed=8, top_p=0.9))
     finally:
         await backend.aclose()
