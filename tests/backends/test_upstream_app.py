@@ -25,10 +25,8 @@ QUESTION = "你是谁？"
 
 
 @pytest.fixture(scope="module")
-def demo():  # type: ignore[no-untyped-def]
-    from gateway.demo import build_demo
-
-    return build_demo()
+def demo(demo_models):  # type: ignore[no-untyped-def]
+    return demo_models
 
 
 def gateway_for(settings: Settings) -> ServerThread:
@@ -158,3 +156,30 @@ def test_cli_serve_help_lists_upstream_flags() -> None:
     assert result.exit_code == 0
     for flag in ("--backend", "--upstream", "--upstream-model", "--upstream-api-key", "--tokenizer"):
         assert flag in result.output
+
+
+def test_gateway_serve_process_with_lmdeploy_upstream(demo) -> None:  # type: ignore[no-untyped-def]
+    from tests.servers import running_gateway
+
+    recorder = Recorder()
+    answers = {"qwen-base": "Base.", "pku-assistant": "PKU here."}
+    with serve(lmdeploy_fake.create_app("qwen-base", answers, recorder)) as upstream:
+        args = [
+            "--model",
+            str(demo.base_dir),
+            "--served-model-name",
+            "tiny-qwen",
+            "--template",
+            "qwen",
+            "--backend",
+            "lmdeploy",
+            "--upstream",
+            upstream.url,
+            "--adapter",
+            f"pku-assistant={demo.adapters['pku-assistant']}",
+        ]
+        with running_gateway(args) as url:
+            api = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+            reply = api.chat.completions.create(model="pku-assistant", messages=[{"role": "user", "content": "hi"}])
+            assert reply.choices[0].message.content == "PKU here."
+    assert recorder.bodies("/v1/completions")[0]["model"] == "pku-assistant"

@@ -44,10 +44,8 @@ if not VLLM_PYTHON.exists():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> TinyVLLMModel:  # type: ignore[no-untyped-def]
-    from gateway.demo import build_demo
-
-    return build(tmp_path_factory.mktemp("vllm-tiny"), build_demo().base_dir)
+def tiny(tmp_path_factory, demo_models) -> TinyVLLMModel:  # type: ignore[no-untyped-def]
+    return build(tmp_path_factory.mktemp("vllm-tiny"), demo_models.base_dir)
 
 
 class VLLMServer:
