@@ -97,6 +97,8 @@ class UpstreamPool:
             ),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
         )
+        # Streams get no per-read timer from httpx: the first-byte and idle deadlines below already bound each read.
+        self._stream_timeout = httpx.Timeout(connect=t.connect, read=None, write=t.request, pool=t.connect)
         self._health_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -172,7 +174,9 @@ class UpstreamPool:
             try:
                 try:
                     async with _deadline(self.timeouts.first_byte):
-                        request = self._client.build_request("POST", replica.url + path, json=payload)
+                        request = self._client.build_request(
+                            "POST", replica.url + path, json=payload, timeout=self._stream_timeout
+                        )
                         response = await self._client.send(request, stream=True)
                         if response.status_code >= 400:
                             body = await response.aread()
