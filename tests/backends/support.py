@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable
+
 from backends.base import Delta, GenerationRequest, SamplingParams
 
 
@@ -36,3 +40,12 @@ async def collect(stream) -> list[Delta]:  # type: ignore[no-untyped-def]
 
 def text_of(deltas: list[Delta]) -> str:
     return "".join(d.text or "" for d in deltas)
+
+
+async def until(condition: Callable[[], bool], timeout: float = 2.0) -> None:
+    """Wait until ``condition()`` holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(0.01)

@@ -12,7 +12,7 @@ from gateway.errors import AdapterLoadError, InvalidRequest, ModelNotFound, Upst
 from tests.backends.fakes import lmdeploy as fake
 from tests.backends.fakes.recording import Recorder
 from tests.backends.fakes.server import serve
-from tests.backends.support import collect, gen_request, text_of
+from tests.backends.support import collect, gen_request, text_of, until
 
 ANSWERS = {"qwen-base": "I am a helpful assistant.", "pku": "I am the PKU assistant, trained on campus lore."}
 
@@ -120,3 +120,11 @@ async def test_closing_early_closes_the_upstream_stream(backend, recorder) -> No
     await stream.aclose()
     assert time.perf_counter() - start < 0.5
     assert backend.pool.replicas[0].in_flight == 0
+    await until(lambda: recorder.aborted == 1)
+    assert recorder.completed == 0
+
+
+async def test_full_read_reuses_the_connection_and_completes(backend, recorder) -> None:
+    for _ in range(3):
+        await collect(backend.generate(gen_request("pku")))
+    assert (recorder.completed, recorder.aborted) == (3, 0)

@@ -14,7 +14,7 @@ from gateway.errors import AdapterLoadError, BackendUnavailable, ModelNotFound, 
 from tests.backends.fakes import ollama as fake
 from tests.backends.fakes.recording import Recorder
 from tests.backends.fakes.server import serve
-from tests.backends.support import collect, gen_request, text_of
+from tests.backends.support import collect, gen_request, text_of, until
 
 ANSWERS = {"qwen2.5:0.5b": "I am Qwen, a helpful assistant.", "pku-existing": "I am the PKU assistant."}
 
@@ -180,3 +180,13 @@ async def test_health_and_unreachable(upstream, recorder) -> None:
     with pytest.raises(BackendUnavailable):
         await collect(down.generate(gen_request(None)))
     await down.aclose()
+
+
+async def test_closing_early_stops_ollama_generation(backend, recorder) -> None:
+    recorder.faults.delay_each = 0.05
+    stream = backend.generate(gen_request(None))
+    assert (await stream.__anext__()).text == "I"
+    await stream.aclose()
+    await until(lambda: recorder.aborted == 1)
+    await collect(backend.generate(gen_request(None)))
+    assert recorder.completed == 1

@@ -12,7 +12,7 @@ from gateway.errors import AdapterLoadError, InvalidRequest, ModelNotFound, Upst
 from tests.backends.fakes import openai as fake
 from tests.backends.fakes.recording import Recorder
 from tests.backends.fakes.server import serve
-from tests.backends.support import collect, gen_request, text_of
+from tests.backends.support import collect, gen_request, text_of, until
 
 ANSWERS = {"base-7b": "Hello there, friend.", "pku-lora": "PKU answer here."}
 
@@ -137,4 +137,14 @@ async def test_mock_transport_flat_error_object_in_stream() -> None:
     b = OpenAICompatBackend(pool, base_model="m")
     with pytest.raises(InvalidRequest, match="bad things"):
         await collect(b.generate(gen_request()))
+    await b.aclose()
+
+
+async def test_closing_early_reaches_the_upstream(upstream, recorder) -> None:
+    recorder.faults.delay_each = 0.05
+    b = await make(upstream.url)
+    stream = b.generate(gen_request())
+    await stream.__anext__()
+    await stream.aclose()
+    await until(lambda: recorder.aborted == 1)
     await b.aclose()

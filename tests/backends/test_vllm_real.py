@@ -20,7 +20,7 @@ from backends.upstream_pool import Timeouts, UpstreamPool
 from backends.vllm import VLLMBackend
 from gateway.errors import AdapterLoadError, UpstreamError
 from tests.backends.fakes.server import free_port
-from tests.backends.support import collect, gen_request, text_of
+from tests.backends.support import collect, gen_request, text_of, until
 from tests.backends.vllm_model import ANSWER, TinyVLLMModel, build
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -163,6 +163,23 @@ async def test_runtime_adapter_load_and_errors(backend, tiny) -> None:
     await backend.unload_adapter("pku-runtime")
     with pytest.raises(AdapterLoadError):
         await backend.load_adapter("broken", str(tiny.adapter_dir.parent / "no-such-adapter"))
+
+
+def running_requests(url: str) -> float:
+    for line in httpx.get(url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith("vllm:num_requests_running"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("vLLM /metrics has no vllm:num_requests_running")
+
+
+async def test_closing_the_stream_aborts_the_request_in_vllm(backend, vllm, tiny) -> None:
+    request = gen_request(None, prompt_text="hello there", prompt_token_ids=tiny.endless_prompt_ids, max_tokens=16000)
+    stream = backend.generate(request)
+    for _ in range(3):
+        await stream.__anext__()
+    assert running_requests(vllm.url) == 1
+    await stream.aclose()
+    await until(lambda: running_requests(vllm.url) == 0, timeout=5)
 
 
 async def test_killing_vllm_mid_stream_ends_the_stream_with_an_error_fast(backend, vllm, tiny) -> None:

@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
-from tests.backends.fakes.recording import DroppedConnection, Recorded, Recorder, apply_stop, pieces_of
+from tests.backends.fakes.recording import DroppedConnection, Recorded, Recorder, apply_stop, pieces_of, tracked
 
 
 class StreamOptions(BaseModel):
@@ -156,6 +156,6 @@ def create_app(base: str, answers: dict[str, str], recorder: Recorder) -> FastAP
                 yield f"data: {json.dumps(final)}\n\n"
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        return StreamingResponse(tracked(recorder, stream()), media_type="text/event-stream")
 
     return app

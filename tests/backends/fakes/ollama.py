@@ -21,7 +21,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from tests.backends.fakes.recording import DroppedConnection, Recorded, Recorder, apply_stop, pieces_of
+from tests.backends.fakes.recording import DroppedConnection, Recorded, Recorder, apply_stop, pieces_of, tracked
 
 
 def _now() -> str:
@@ -157,6 +157,6 @@ def create_app(answers: dict[str, str], recorder: Recorder) -> FastAPI:
                 await asyncio.sleep(faults.delay_each)
             yield json.dumps(final) + "\n"
 
-        return StreamingResponse(stream(), media_type="application/x-ndjson")
+        return StreamingResponse(tracked(recorder, stream()), media_type="application/x-ndjson")
 
     return app

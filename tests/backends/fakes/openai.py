@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from tests.backends.fakes.recording import DroppedConnection, Recorded, Recorder, apply_stop, pieces_of
+from tests.backends.fakes.recording import DroppedConnection, Recorded, Recorder, apply_stop, pieces_of, tracked
 
 
 def error(status: int, message: str, type_: str = "BadRequestError") -> JSONResponse:
@@ -108,6 +108,6 @@ def create_app(answers: dict[str, str], recorder: Recorder, *, lora_parent: str 
                 yield f"data: {json.dumps(u)}\n\n"
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        return StreamingResponse(tracked(recorder, stream()), media_type="text/event-stream")
 
     return app

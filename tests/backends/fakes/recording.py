@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,8 @@ class Faults:
 class Recorder:
     requests: list[Recorded] = field(default_factory=list)
     faults: Faults = field(default_factory=Faults)
+    aborted: int = 0  # streams that ended before their last byte (the client went away, or a dropped fault)
+    completed: int = 0
 
     def bodies(self, path: str) -> list[Any]:
         return [r.body for r in self.requests if r.path == path]
@@ -68,3 +71,17 @@ def apply_stop(pieces: list[str], max_tokens: int, stop: list[str]) -> tuple[lis
         out.append(piece[: cut - pos])
         pos += len(piece)
     return [p for p in out if p], "stop"
+
+
+async def tracked(recorder: Recorder, stream: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Pass ``stream`` through, counting in ``recorder`` whether it ran to its end or was abandoned."""
+    finished = False
+    try:
+        async for item in stream:
+            yield item
+        finished = True
+    finally:
+        if finished:
+            recorder.completed += 1
+        else:
+            recorder.aborted += 1
