@@ -183,3 +183,32 @@ def test_gateway_serve_process_with_lmdeploy_upstream(demo) -> None:  # type: ig
             reply = api.chat.completions.create(model="pku-assistant", messages=[{"role": "user", "content": "hi"}])
             assert reply.choices[0].message.content == "PKU here."
     assert recorder.bodies("/v1/completions")[0]["model"] == "pku-assistant"
+
+
+def test_gateway_health_follows_upstream_health_checks(demo) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    import httpx
+
+    recorder = Recorder()
+    with serve(lmdeploy_fake.create_app("qwen-base", {"qwen-base": "x"}, recorder)) as upstream:
+        settings = Settings(
+            model=str(demo.base_dir),
+            served_model_name="tiny-qwen",
+            template="qwen",
+            backend="lmdeploy",
+            upstream=(upstream.url,),
+            upstream_health_interval=0.1,
+        )
+        server = gateway_for(settings)
+        try:
+            assert httpx.get(server.url + "/health").status_code == 200
+            recorder.faults.health_status = 503
+            deadline = time.monotonic() + 2
+            while httpx.get(server.url + "/health").status_code != 503:
+                assert time.monotonic() < deadline, "gateway /health never noticed the upstream going down"
+                time.sleep(0.05)
+            body = httpx.get(server.url + "/health").json()
+            assert body["backend"] == "lmdeploy" and body[upstream.url]["healthy"] is False
+        finally:
+            server.stop()
