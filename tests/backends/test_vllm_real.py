@@ -165,6 +165,20 @@ async def test_runtime_adapter_load_and_errors(backend, tiny) -> None:
         await backend.load_adapter("broken", str(tiny.adapter_dir.parent / "no-such-adapter"))
 
 
+class _IgnoringEos(VLLMBackend):
+    """Adds vLLM's ``ignore_eos`` so the random base keeps generating (~1 token/ms here) until vLLM is stopped
+    or the stream closed; everything else is the backend under test."""
+
+    def build_payload(self, request):  # type: ignore[no-untyped-def]
+        return {**super().build_payload(request), "ignore_eos": True}
+
+
+def endless(backend: VLLMBackend) -> VLLMBackend:
+    twin = _IgnoringEos(backend.pool, base_model=backend.base_model)
+    twin._adapters = backend._adapters
+    return twin
+
+
 def running_requests(url: str) -> float:
     for line in httpx.get(url + "/metrics", timeout=5).text.splitlines():
         if line.startswith("vllm:num_requests_running"):
@@ -173,19 +187,17 @@ def running_requests(url: str) -> float:
 
 
 async def test_closing_the_stream_aborts_the_request_in_vllm(backend, vllm, tiny) -> None:
-    request = gen_request(None, prompt_text="hello there", prompt_token_ids=tiny.endless_prompt_ids, max_tokens=16000)
-    stream = backend.generate(request)
+    stream = endless(backend).generate(req(tiny, None, max_tokens=16000, stop_token_ids=()))
     for _ in range(3):
         await stream.__anext__()
-    assert running_requests(vllm.url) == 1
+    await until(lambda: running_requests(vllm.url) == 1, timeout=5)  # vLLM's gauges lag a step or two
     await stream.aclose()
     await until(lambda: running_requests(vllm.url) == 0, timeout=5)
 
 
 async def test_killing_vllm_mid_stream_ends_the_stream_with_an_error_fast(backend, vllm, tiny) -> None:
     # A long generation (the tiny model makes ~1 token/ms here), so vLLM is still streaming when it dies.
-    request = gen_request(None, prompt_text="hello there", prompt_token_ids=tiny.endless_prompt_ids, max_tokens=16000)
-    stream = backend.generate(request)
+    stream = endless(backend).generate(req(tiny, None, max_tokens=16000, stop_token_ids=()))
     got = [await stream.__anext__() for _ in range(3)]
     assert all(d.finish_reason is None for d in got)
     start = time.perf_counter()

@@ -26,7 +26,6 @@ class TinyVLLMModel:
     prompt_ids: tuple[int, ...]
     answer_ids: tuple[int, ...]  # the trained answer, ``<|im_end|>`` included
     im_end_id: int
-    endless_prompt_ids: tuple[int, ...]  # a prompt the (deterministic) base continues without an eos for 16k tokens
 
 
 def prompt_text(question: str = QUESTION) -> str:
@@ -86,5 +85,4 @@ def build(root: Path, tokenizer_dir: Path, max_steps: int = 600) -> TinyVLLMMode
     lora.eval()
     lora.save_pretrained(adapter_dir)
     (root / "train.json").write_text(json.dumps({"final_loss": loss.item()}))
-    endless = tuple(tokenizer("hello there", add_special_tokens=False)["input_ids"])
-    return TinyVLLMModel(base_dir, adapter_dir, text, tuple(prompt_ids), tuple(answer_ids), im_end, endless)
+    return TinyVLLMModel(base_dir, adapter_dir, text, tuple(prompt_ids), tuple(answer_ids), im_end)
