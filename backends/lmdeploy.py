@@ -6,8 +6,11 @@ Protocol facts (LMDeploy's ``/v1/completions``, ``lmdeploy/serve/openai``):
   first, then the adapter names (no ``parent`` field). Adapters are fixed at server start: no runtime loading.
 * ``prompt`` is a string, or a *list of prompts* (a batch) -- not a list of token ids -- so we send the rendered
   text, and ``/v1/completions`` never applies a chat template to it (``do_preprocess=False``).
-* Extensions we set: ``top_k`` (LMDeploy's default is 40, not "off"), ``skip_special_tokens``; ``stop`` is
-  honoured; ``stop_token_ids`` is not a field there (eos stops by itself, the gateway enforces stop strings).
+* Extensions we set: ``top_k`` (its default is 40; 0 is accepted and means no top-k) and
+  ``skip_special_tokens: false``, so a special stop word (``<|eot_id|>``...) reaches the gateway as text and its
+  stop matching sees it. ``stop`` is honoured, but LMDeploy turns each stop word into the ids of every token
+  *containing* it, so it may stop a little earlier than the gateway would for multi-character plain-text stops;
+  ``stop_token_ids`` is not a request field there (eos from the model's generation config stops by itself).
 * Streaming: ``data: {json}\\n\\n`` chunks, with ``stream_options.include_usage`` a usage chunk with
   ``choices: []``, then ``data: [DONE]``. Errors: flat ``{"object": "error", "message", "type", "code": <int>,
   "param"}`` with the same status; an unknown model answers 404.
@@ -31,7 +34,7 @@ class LMDeployBackend(CompletionsBackend):
             "prompt": request.prompt_text,
             **sampling_fields(request),
             "top_k": request.sampling.top_k,
-            "skip_special_tokens": True,
+            "skip_special_tokens": False,
             "stream": True,
             "stream_options": {"include_usage": True},
         }

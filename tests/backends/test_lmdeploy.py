@@ -58,6 +58,7 @@ async def test_sends_rendered_text_adapter_as_model_and_sampling(backend, record
     assert (sent["max_tokens"], sent["temperature"], sent["top_p"], sent["seed"]) == (7, 0.3, 0.9, 11)
     assert sent["top_k"] == 0, "LMDeploy defaults top_k to 40; 'off' must be sent explicitly"
     assert sent["stop"] == ["<|im_end|>"]
+    assert sent["skip_special_tokens"] is False, "special stop words must reach the gateway's stop matching"
 
 
 async def test_base_model_request(backend, recorder) -> None:
