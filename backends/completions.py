@@ -19,7 +19,7 @@ from typing import Any
 from backends.base import Capabilities, Delta, FinishReason, GenerationRequest, Health
 from backends.upstream_errors import error_from_event, map_error_response
 from backends.upstream_pool import UpstreamPool
-from gateway.errors import AdapterLoadError, BackendUnavailable, ModelNotFound, UpstreamError
+from gateway.errors import AdapterLoadError, BackendUnavailable, GatewayError, ModelNotFound, UpstreamError
 
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "tool_calls": "stop", "eos": "stop"}
 
@@ -70,6 +70,19 @@ async def parse_completion_stream(lines: AsyncIterator[str]) -> AsyncGenerator[D
         prompt_tokens=usage.get("prompt_tokens") if usage else None,
         completion_tokens=usage.get("completion_tokens") if usage else None,
     )
+
+
+def sse_error(line: str) -> GatewayError | None:
+    """The error an SSE line carries (``data: {"error": ...}`` or ``data: {"object": "error", ...}``), if any."""
+    if not line.startswith("data:") or "error" not in line:
+        return None
+    try:
+        chunk = json.loads(line[5:])
+    except ValueError:
+        return None
+    if isinstance(chunk, dict) and ("error" in chunk or chunk.get("object") == "error"):
+        return error_from_event(chunk)
+    return None
 
 
 def sampling_fields(request: GenerationRequest) -> dict[str, Any]:
@@ -166,7 +179,9 @@ class CompletionsBackend:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         """Stream the completion; closing the iterator closes the upstream connection (the upstream aborts)."""
         payload = self.build_payload(request)
-        lines = self.pool.stream_lines("/v1/completions", payload, error_mapper=map_error_response)
+        lines = self.pool.stream_lines(
+            "/v1/completions", payload, error_mapper=map_error_response, first_line_error=sse_error
+        )
         deltas = parse_completion_stream(lines)
         try:
             async for delta in deltas:

@@ -25,7 +25,7 @@ from typing import Any
 from backends.base import Capabilities, Delta, FinishReason, GenerationRequest, Health
 from backends.upstream_errors import error_from_event, map_adapter_error_response, map_error_response
 from backends.upstream_pool import UpstreamPool
-from gateway.errors import AdapterLoadError, ModelNotFound, UpstreamError
+from gateway.errors import AdapterLoadError, GatewayError, ModelNotFound, UpstreamError
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 _DONE: dict[str, FinishReason] = {"stop": "stop", "length": "length"}
@@ -63,6 +63,17 @@ async def parse_ndjson_stream(lines: AsyncIterator[str]) -> AsyncGenerator[Delta
         if text:
             yield Delta(text=text)
     raise UpstreamError("Ollama stream ended without a done line")
+
+
+def ndjson_error(line: str) -> GatewayError | None:
+    """The error an NDJSON line carries (``{"error": "..."}``), if any."""
+    if '"error"' not in line:
+        return None
+    try:
+        chunk = json.loads(line)
+    except ValueError:
+        return None
+    return error_from_event(chunk) if isinstance(chunk, dict) and "error" in chunk else None
 
 
 def _sha256(path: Path) -> str:
@@ -153,7 +164,9 @@ class OllamaBackend:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         """Stream the completion; closing the iterator closes the connection, which stops Ollama's generation."""
-        lines = self.pool.stream_lines("/api/generate", self.build_payload(request), error_mapper=map_error_response)
+        lines = self.pool.stream_lines(
+            "/api/generate", self.build_payload(request), error_mapper=map_error_response, first_line_error=ndjson_error
+        )
         deltas = parse_ndjson_stream(lines)
         try:
             async for delta in deltas:

@@ -158,13 +158,19 @@ class UpstreamPool:
         replica.last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
     async def stream_lines(
-        self, path: str, payload: dict[str, Any], *, error_mapper: ErrorMapper = default_error_mapper
+        self,
+        path: str,
+        payload: dict[str, Any],
+        *,
+        error_mapper: ErrorMapper = default_error_mapper,
+        first_line_error: Callable[[str], GatewayError | None] | None = None,
     ) -> AsyncGenerator[str, None]:
         """POST ``payload`` as JSON and yield the answer line by line (blank lines included).
 
-        Retries on another replica until the first non-blank line arrives; never after. Closing the
-        iterator before the answer ended closes the upstream connection, which is how the upstream learns the
-        request was cancelled; reading it to the end returns the connection to the keep-alive pool.
+        Retries on another replica until the first non-blank line arrives; never after. ``first_line_error``
+        recognises an in-stream error object as that first line: a 5xx-class one is retried like a 5xx status.
+        Closing the iterator before the answer ended closes the upstream connection, which is how the upstream
+        learns the request was cancelled; reading it to the end returns the connection to the keep-alive pool.
         """
         failures: list[str] = []
         answered: GatewayError | None = None  # the error of the last replica that answered with a 5xx
@@ -191,6 +197,17 @@ class UpstreamPool:
                         lines = await reader.read()
                         while not any(line.strip() for line in lines):
                             lines += await reader.read()
+                        first = next(line for line in lines if line.strip())
+                        in_stream = first_line_error(first) if first_line_error is not None else None
+                        if in_stream is not None:
+                            if in_stream.status_code < 500:
+                                raise in_stream
+                            # 200 and then an error before any text (a dead engine): nothing reached the
+                            # caller yet, so another replica may still answer.
+                            replica.healthy, replica.last_error = False, f"error event: {in_stream.message}"
+                            failures.append(f"{replica.url}: {replica.last_error}")
+                            answered = in_stream
+                            continue
                 except StopAsyncIteration:
                     failures.append(f"{replica.url}: empty answer")
                     answered = UpstreamError(f"upstream {replica.url} closed the stream without answering")

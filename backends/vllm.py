@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from backends.base import Capabilities, Delta, GenerationRequest
-from backends.completions import CompletionsBackend, parse_completion_stream, sampling_fields
+from backends.completions import CompletionsBackend, parse_completion_stream, sampling_fields, sse_error
 from backends.upstream_errors import map_adapter_error_response, map_error_response
 from backends.upstream_pool import UpstreamPool
 from gateway.errors import AdapterLoadError, UpstreamError
@@ -73,7 +73,9 @@ class VLLMBackend(CompletionsBackend):
         # vLLM's echo of the prompt ids arrives in the first chunk; we read it off the raw lines.
         payload = self.build_payload(request)
         sent = payload["prompt"]
-        lines = self.pool.stream_lines("/v1/completions", payload, error_mapper=map_error_response)
+        lines = self.pool.stream_lines(
+            "/v1/completions", payload, error_mapper=map_error_response, first_line_error=sse_error
+        )
         checked = _PromptEchoCheck(lines, sent)
         deltas = parse_completion_stream(checked)
         try:

@@ -190,3 +190,12 @@ async def test_closing_early_stops_ollama_generation(backend, recorder) -> None:
     await until(lambda: recorder.aborted == 1)
     await collect(backend.generate(gen_request(None)))
     assert recorder.completed == 1
+
+
+async def test_error_line_before_any_text_tries_the_next_replica(upstream, recorder) -> None:
+    recorder.faults.error_after = 0
+    b = make_backend(upstream.url)
+    with pytest.raises(UpstreamError, match="error was encountered"):
+        await collect(b.generate(gen_request(None)))
+    assert len(recorder.bodies("/api/generate")) == 1  # one replica: tried once, then the error surfaces
+    await b.aclose()

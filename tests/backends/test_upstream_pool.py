@@ -157,3 +157,16 @@ async def test_unhealthy_replica_is_tried_last(replicas, recorders) -> None:
         await collect(b.generate(gen_request()))
     assert (calls(recorders[0]), calls(recorders[1])) == (0, 3)
     await b.aclose()
+
+
+async def test_error_event_before_any_text_is_retried_on_another_replica(replicas, recorders) -> None:
+    recorders[0].faults.error_after = 0  # 200, then {"error": {..., "code": 500}} as the first event
+    b = backend_for([replicas[0].url, replicas[1].url])
+    deltas = await collect(b.generate(gen_request()))
+    assert text_of(deltas) == ANSWERS["base"]
+    assert (calls(recorders[0]), calls(recorders[1])) == (1, 1)
+    assert not b.pool.replicas[0].healthy
+    recorders[1].faults.error_after = 0
+    with pytest.raises(UpstreamError, match="engine died"):
+        await collect(b.generate(gen_request()))
+    await b.aclose()
