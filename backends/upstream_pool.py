@@ -80,7 +80,7 @@ class UpstreamPool:
         health_path: str = "/health",
         headers: dict[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
-        max_connections: int = 1000,
+        max_idle_connections: int = 1000,
     ) -> None:
         if not urls:
             raise ValueError("an upstream pool needs at least one URL")
@@ -88,14 +88,14 @@ class UpstreamPool:
         self.timeouts = timeouts or Timeouts()
         self.health_path = health_path
         t = self.timeouts
-        # httpx's own read timeout is only a backstop; first-byte and idle limits are enforced per line below.
+        # The read timeout here bounds non-streaming calls (health, model lists, adapter loads); streams use
+        # ``_stream_timeout`` and the first-byte and idle deadlines of ``stream_lines``.
+        if transport is None:
+            transport = KeepAliveTransport(max_idle_per_origin=max_idle_connections)
         self._client = httpx.AsyncClient(
             headers=headers,
-            transport=transport if transport is not None else KeepAliveTransport(max_idle_per_origin=max_connections),
-            timeout=httpx.Timeout(
-                connect=t.connect, read=max(t.first_byte, t.idle) + 1, write=t.request, pool=t.connect
-            ),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            transport=transport,
+            timeout=httpx.Timeout(connect=t.connect, read=t.request, write=t.request, pool=t.connect),
         )
         # Streams get no per-read timer from httpx: the first-byte and idle deadlines below already bound each read.
         self._stream_timeout = httpx.Timeout(connect=t.connect, read=None, write=t.request, pool=t.connect)
