@@ -13,6 +13,7 @@ from gateway.generation import (
     PreparedPrompt,
     choice_streams,
     completion_budget,
+    held,
     merge_streams,
     new_id,
     note_unknown_fields,
@@ -73,18 +74,27 @@ async def create_chat_completion(
     body: ChatCompletionRequest, state: GatewayState = Depends(gateway_state)
 ) -> JSONResponse | Any:
     note_unknown_fields(state, body)
-    target = state.registry.resolve(body.model)
-    prompt = render_chat(state, target, body)
-    max_tokens = completion_budget(state, len(prompt.token_ids), body.completion_budget())
-    streams = choice_streams(state, target, prompt, body, body.n, max_tokens)
-    completion_id = new_id("chatcmpl")
-    parsers = [_parser(target, body) for _ in range(body.n)]
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = _stream_chunks(completion_id, body.model, len(prompt.token_ids), streams, parsers, include_usage)
-        first = await anext(chunks)  # errors before the first token (queue full, upstream down) keep their status
-        return sse_response(prepend(first, chunks))
-    return await _complete(completion_id, body.model, len(prompt.token_ids), streams, parsers)
+    lease = await state.adapters.acquire(body.model)
+    try:
+        target = lease.target
+        prompt = render_chat(state, target, body)
+        max_tokens = completion_budget(state, len(prompt.token_ids), body.completion_budget())
+        streams = choice_streams(state, target, prompt, body, body.n, max_tokens)
+        completion_id = new_id("chatcmpl")
+        parsers = [_parser(target, body) for _ in range(body.n)]
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            chunks = held(lease, _stream_chunks(completion_id, body.model, len(prompt.token_ids), streams, parsers,
+                                                include_usage))
+            first = await anext(chunks)  # errors before the first token (queue full, upstream down) keep their status
+            return sse_response(prepend(first, chunks))
+        return await _complete(completion_id, body.model, len(prompt.token_ids), streams, parsers)
+    except BaseException:
+        lease.release()
+        raise
+    finally:
+        if not body.stream:
+            lease.release()
 
 
 def _tool_calls(parsed: ParsedDelta) -> list[ToolCallBody] | None:
