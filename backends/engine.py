@@ -37,10 +37,15 @@ BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in adapter_names
 
 @dataclass(eq=False)
 class Sequence:
-    """One request's state inside the engine. ``cancelled`` may be set from any thread."""
+    """One request's state inside the engine. ``cancelled`` may be set from any thread.
+
+    The engine puts the sequence's output on ``queue`` through ``loop`` (the event loop that awaits it): every
+    ``Delta`` of one step for every row of one loop is handed over with a single ``call_soon_threadsafe``.
+    """
 
     request: GenerationRequest
-    deliver: Callable[[Delta | GatewayError], None]
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[Delta | GatewayError]
     sampler: RowSampler
     stop_token_ids: frozenset[int]
     max_total_len: int
@@ -89,6 +94,7 @@ class Engine:
         self._rows: list[Sequence] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None
+        self._outbox: list[tuple[Sequence, Delta | GatewayError]] = []  # this step's output, handed over at its end
         self._thread = threading.Thread(target=self._loop, name="lora-gateway-engine", daemon=True)
         self._thread.start()
 
@@ -167,9 +173,27 @@ class Engine:
                 log.exception("engine step failed")
                 error = BackendUnavailable(f"the inference engine failed: {type(exc).__name__}")
                 for seq in [*self._rows, *joining]:
-                    seq.deliver(error)
+                    self._post(seq, error)
                 self._rows, self._cache, self._mask = [], None, None
+            self._flush()
         self._fail_all(BackendUnavailable("the engine stopped"))
+
+    def _post(self, seq: Sequence, item: Delta | GatewayError) -> None:
+        self._outbox.append((seq, item))
+
+    def _flush(self) -> None:
+        """Hand this step's output to the event loops: one ``call_soon_threadsafe`` per loop, not per row."""
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Delta | GatewayError], Any]]] = {}
+        for seq, item in self._outbox:
+            by_loop.setdefault(seq.loop, []).append((seq.queue, item))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that loop is closed: nobody is listening any more
+                pass
 
     def _run_command(self, command: _Command) -> None:
         if not command.future.set_running_or_notify_cancel():
@@ -186,7 +210,8 @@ class Engine:
             commands = list(self._commands)
             self._commands.clear()
         for seq in pending:
-            seq.deliver(error)
+            self._post(seq, error)
+        self._flush()
         for command in commands:
             command.future.set_exception(error)
         self._rows, self._cache, self._mask = [], None, None
@@ -236,13 +261,13 @@ class Engine:
             seq.position += 1
             seq.next_token = token
             if token in seq.stop_token_ids:
-                seq.deliver(Delta(finish_reason="stop", completion_tokens=seq.generated))
+                self._post(seq, Delta(finish_reason="stop", completion_tokens=seq.generated))
                 finished.append(seq)
             elif seq.generated >= seq.request.sampling.max_tokens or seq.position + 1 >= seq.max_total_len:
-                seq.deliver(Delta(token_ids=(token,), finish_reason="length", completion_tokens=seq.generated))
+                self._post(seq, Delta(token_ids=(token,), finish_reason="length", completion_tokens=seq.generated))
                 finished.append(seq)
             else:
-                seq.deliver(Delta(token_ids=(token,)))
+                self._post(seq, Delta(token_ids=(token,)))
         self._drop_rows(finished)
 
     def _join(self, joining: list[Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
@@ -278,6 +303,11 @@ class Engine:
         ]
         self._cache = DynamicCache(ddp_cache_data=layers)
         self._mask = mask[:, start:]
+
+
+def _put_all(items: list[tuple[asyncio.Queue[Delta | GatewayError], Delta | GatewayError]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
 
 
 def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:

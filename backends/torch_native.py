@@ -95,17 +95,14 @@ class TorchBackend:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         if request.adapter is not None and request.adapter not in self.adapter_paths:
             raise InvalidRequest(f"adapter {request.adapter!r} is not loaded")
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Delta | GatewayError] = asyncio.Queue()
-
-        def deliver(item: Delta | GatewayError) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
+        eos = frozenset() if request.sampling.ignore_eos else self.eos_token_ids
         sequence = Sequence(
             request=request,
-            deliver=deliver,
+            loop=asyncio.get_running_loop(),
+            queue=queue,
             sampler=RowSampler.create(request.sampling, self.device),
-            stop_token_ids=self.eos_token_ids | frozenset(request.sampling.stop_token_ids),
+            stop_token_ids=eos | frozenset(request.sampling.stop_token_ids),
             max_total_len=self.max_model_len,
         )
         self._engine.submit(sequence)

@@ -180,7 +180,8 @@ class AdapterPool:
         for name, folder in self._scan_roots():
             if name not in found and name not in self.registry:
                 try:
-                    info = inspect_adapter(folder, None, allow_unsafe=True)
+                    info = inspect_adapter(folder, self._shapes, base_names=self._base_names,
+                                           allow_unsafe=self._allow_unsafe)
                     found[name] = Adapter(name, info, self._template(folder, None), "root", name in self.pins)
                 except GatewayError as exc:
                     log.debug("not listing %s: %s", folder, exc)
@@ -242,11 +243,14 @@ class AdapterPool:
             if not root.is_dir():
                 continue
             for run in sorted(p for p in root.iterdir() if p.is_dir()):
-                if is_adapter_folder(run):
-                    found.append((run.name, run))
-                for checkpoint in sorted(run.glob("checkpoint-*")):
-                    if is_adapter_folder(checkpoint):
-                        found.append((f"{run.name}/{checkpoint.name}", checkpoint))
+                for folder in (run, *sorted(run.glob("checkpoint-*"))):
+                    name = folder.relative_to(root).as_posix()
+                    try:
+                        real = confine(name, [root])  # a symlink out of the root is not served
+                    except AdapterLoadError:
+                        continue
+                    if is_adapter_folder(real):
+                        found.append((name, real))
         return found
 
     def _discover(self, name: str) -> Adapter | None:

@@ -65,6 +65,7 @@ def sampling_params(body: SamplingFields, max_tokens: int, stop: Sequence[str], 
         seed=seed,
         stop=tuple(stop),
         stop_token_ids=tuple(stop_token_ids),
+        ignore_eos=body.ignore_eos,
     )
 
 
