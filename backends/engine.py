@@ -1,7 +1,7 @@
 """Continuous batching on one engine thread.
 
-Every decode step runs all active sequences in one forward pass; each row carries its own LoRA adapter (peft's
-per-row ``adapter_names``), its own sampling parameters and its own stop conditions. A new sequence is prefilled
+Every decode step runs all active sequences in one forward pass; each row carries its own LoRA adapter (a slot of
+``backends.lora.LoraBank``), its own sampling parameters and its own stop conditions. A new sequence is prefilled
 between two steps and joins the batch at the next one; a finished or cancelled sequence leaves it at once.
 
 The batch's KV cache is left-padded: rows of different lengths share one ``[batch, heads, length, dim]`` tensor per
@@ -27,12 +27,13 @@ import torch
 from transformers import DynamicCache
 
 from backends.base import Delta, GenerationRequest
+from backends.lora import LoraBank
 from backends.sampling import RowSampler, choose_tokens
 from gateway.errors import BackendUnavailable, GatewayError, Overloaded
 
 log = logging.getLogger(__name__)
 
-BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in adapter_names
+BASE_ADAPTER = "__base__"  # how ``adapters_in_use`` counts rows on the base
 
 
 @dataclass(eq=False)
@@ -62,6 +63,10 @@ class Sequence:
     def adapter_name(self) -> str:
         return self.request.adapter or BASE_ADAPTER
 
+    @property
+    def adapter(self) -> str | None:
+        return self.request.adapter
+
 
 @dataclass
 class _Command:
@@ -86,7 +91,7 @@ class Engine:
         self.pad_token_id = pad_token_id
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
-        self.uses_adapters = False  # set once the model is a PeftModel: then every forward passes adapter_names
+        self.lora = LoraBank(model)  # touched only on the engine thread (commands, steps)
         self._waiting: deque[Sequence] = deque()
         self._commands: deque[_Command] = deque()
         self._cond = threading.Condition()
@@ -217,8 +222,8 @@ class Engine:
         self._rows, self._cache, self._mask = [], None, None
 
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
-                 adapters: list[str]) -> torch.Tensor:
-        kwargs: dict[str, Any] = {"adapter_names": adapters} if self.uses_adapters else {}
+                 adapters: list[str | None]) -> torch.Tensor:
+        self.lora.select(adapters)
         out = self.model(
             input_ids=input_ids,
             attention_mask=mask,
@@ -226,7 +231,6 @@ class Engine:
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
-            **kwargs,
         )
         return out.logits[:, -1, :]
 
@@ -241,7 +245,7 @@ class Engine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
-        logits = self._forward(ids, mask, positions, cache, [s.adapter_name for s in joining])
+        logits = self._forward(ids, mask, positions, cache, [s.adapter for s in joining])
         self._join(joining, cache, mask)
         self._accept(joining, choose_tokens(logits, [s.sampler for s in joining]))
 
@@ -251,7 +255,7 @@ class Engine:
         ids = torch.tensor([[s.next_token] for s in rows], dtype=torch.long, device=self.device)
         positions = torch.tensor([[s.position] for s in rows], dtype=torch.long, device=self.device)
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
-        logits = self._forward(ids, self._mask, positions, self._cache, [s.adapter_name for s in rows])
+        logits = self._forward(ids, self._mask, positions, self._cache, [s.adapter for s in rows])
         self._accept(rows, choose_tokens(logits, [s.sampler for s in rows]))
 
     def _accept(self, rows: list[Sequence], tokens: list[int]) -> None:

@@ -13,8 +13,9 @@ import torch
 
 from backends.base import Capabilities, Delta, GenerationRequest, Health
 from backends.engine import Engine, Sequence
+from backends.lora import read_adapter
 from backends.sampling import RowSampler
-from gateway.errors import AdapterLoadError, BackendUnavailable, GatewayError, InvalidRequest
+from gateway.errors import BackendUnavailable, GatewayError, InvalidRequest
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class TorchBackend:
     def __init__(self, model: Any, *, device: torch.device, eos_token_ids: frozenset[int], pad_token_id: int,
                  max_model_len: int, max_batch_size: int, max_queue: int) -> None:
         self.device = device
+        self.dtype: torch.dtype = next(model.parameters()).dtype
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
         self.capabilities = Capabilities(runtime_adapters=True, max_context=max_model_len)
@@ -121,38 +123,17 @@ class TorchBackend:
     # --- adapters -----------------------------------------------------------------------------------------------
 
     async def load_adapter(self, name: str, path: str) -> None:
+        """Read and check the files on a worker thread, then install between two engine steps (milliseconds)."""
         if self.adapter_paths.get(name) == path:
             return
-
-        def load() -> None:
-            from peft import PeftModel
-
-            model = self._engine.model
-            try:
-                if isinstance(model, PeftModel):
-                    if name in model.peft_config:
-                        model.delete_adapter(name)
-                    model.load_adapter(path, adapter_name=name, autocast_adapter_dtype=False)
-                else:
-                    model = PeftModel.from_pretrained(model, path, adapter_name=name, autocast_adapter_dtype=False)
-                    self._engine.model = model.eval()
-                    self._engine.uses_adapters = True
-            except GatewayError:
-                raise
-            except Exception as exc:  # peft raises many types for a folder that does not fit
-                raise AdapterLoadError(f"cannot load adapter {name!r} from {path}: {exc}") from exc
-
-        await self._engine.run_command(load)
+        weights = await anyio.to_thread.run_sync(read_adapter, name, path, self.dtype)
+        await self._engine.run_command(lambda: self._engine.lora.install(weights))
         self.adapter_paths[name] = path
 
     async def unload_adapter(self, name: str) -> None:
         if name not in self.adapter_paths:
             return
-
-        def unload() -> None:
-            self._engine.model.delete_adapter(name)
-
-        await self._engine.run_command(unload)
+        await self._engine.run_command(lambda: self._engine.lora.remove(name))
         del self.adapter_paths[name]
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
