@@ -172,6 +172,7 @@ class Engine:
                     joining = [s for s in joining if not s.cancelled]
                     if joining:
                         self._prefill(joining)
+                        self._flush()  # first tokens go out now, not after the next decode step (TTFT)
                     if self._rows:
                         self._decode()
             except Exception as exc:  # a failed forward must not kill the engine: fail the batch, keep serving

@@ -5,13 +5,15 @@ scatter-add per adapter), so a batch over four adapters costs four times the LoR
 Here every adapted ``nn.Linear`` is wrapped once by ``LoraLinear``, which keeps *all* loaded adapters stacked in
 one tensor per factor, slot 0 being "no adapter" (zeros)::
 
-    A: [slots, rank, in_features]      B: [slots, out_features, rank]   (scaling folded into B)
+    A: [slots, rank, in_features]      B: [slots, out_features, rank]   (scaling folded into B; float32)
     y = base(x) + bmm(bmm(x, A[rows]ᵀ), B[rows]ᵀ)      rows: slot of each batch row
 
 so the cost does not grow with the number of distinct adapters in the batch, and a batch on the base alone skips
 the LoRA work entirely. Loading an adapter reads its file and copies it into a free slot (milliseconds); unloading
 zeroes the slot. Adapters of different ranks share the stack (smaller ones are zero-padded, which adds exact
-zeros). Each row's numbers are its own: ``bmm`` computes rows independently.
+zeros). Each row's numbers are its own: ``bmm`` computes rows independently. The LoRA factors are kept and applied
+in float32 whatever the model's dtype: on CPU, float32 ``bmm`` at these shapes is about twice as fast as bf16, and
+the delta is more exact (it is added to the bf16 base output in place).
 
 ``LoraBank`` is not thread-safe: the engine calls ``select``, ``install`` and ``remove`` on its own thread, between
 steps. ``read_adapter`` (file reading and checks) may run on any thread.
@@ -34,7 +36,7 @@ _UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out", "modules_to_save", "r
 
 @dataclass(frozen=True)
 class AdapterWeights:
-    """An adapter read from disk: ``module path -> (A [r, in], B*scaling [out, r])``, in the model's dtype."""
+    """An adapter read from disk: ``module path -> (A [r, in], B*scaling [out, r])``, in float32."""
 
     name: str
     path: str
@@ -42,7 +44,7 @@ class AdapterWeights:
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
-def read_adapter(name: str, path: str, dtype: torch.dtype) -> AdapterWeights:
+def read_adapter(name: str, path: str) -> AdapterWeights:
     """Read and check an adapter folder (safetensors, or ``adapter_model.bin`` loaded with ``weights_only``)."""
     folder = Path(path)
     try:
@@ -73,7 +75,7 @@ def read_adapter(name: str, path: str, dtype: torch.dtype) -> AdapterWeights:
     for module, pair in parts.items():
         if set(pair) != {"A", "B"} or pair["A"].dim() != 2 or pair["A"].shape[0] != pair["B"].shape[1]:
             raise AdapterLoadError(f"{folder}: {module} needs a lora_A [r, in] and a lora_B [out, r]")
-        factors[module] = (pair["A"].to(dtype), (pair["B"].float() * scaling).to(dtype))
+        factors[module] = (pair["A"].float(), pair["B"].float() * scaling)
     if not factors:
         raise AdapterLoadError(f"{folder} holds no LoRA weights")
     return AdapterWeights(name, str(folder), max(a.shape[0] for a, _ in factors.values()), factors)
@@ -93,9 +95,9 @@ class LoraLinear(torch.nn.Module):
         super().__init__()
         self.base = base
         self.slots = slots
-        weight = base.weight
-        self.a = torch.zeros((1, 0, base.in_features), dtype=weight.dtype, device=weight.device)
-        self.b = torch.zeros((1, base.out_features, 0), dtype=weight.dtype, device=weight.device)
+        device = base.weight.device
+        self.a = torch.zeros((1, 0, base.in_features), dtype=torch.float32, device=device)
+        self.b = torch.zeros((1, base.out_features, 0), dtype=torch.float32, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -104,7 +106,7 @@ class LoraLinear(torch.nn.Module):
             return y
         a = self.a.index_select(0, rows).transpose(1, 2)  # [batch, in, rank]
         b = self.b.index_select(0, rows).transpose(1, 2)  # [batch, rank, out]
-        return y + torch.bmm(torch.bmm(x, a), b)
+        return y.add_(torch.bmm(torch.bmm(x.float(), a), b))  # y is this call's own fresh output
 
     def reserve(self, slots: int, rank: int) -> None:
         """Grow the stacks to at least ``slots`` slots and ``rank`` (new room is zeros)."""

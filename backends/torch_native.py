@@ -59,7 +59,6 @@ class TorchBackend:
     def __init__(self, model: Any, *, device: torch.device, eos_token_ids: frozenset[int], pad_token_id: int,
                  max_model_len: int, max_batch_size: int, max_queue: int) -> None:
         self.device = device
-        self.dtype: torch.dtype = next(model.parameters()).dtype
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
         self.capabilities = Capabilities(runtime_adapters=True, max_context=max_model_len)
@@ -126,7 +125,7 @@ class TorchBackend:
         """Read and check the files on a worker thread, then install between two engine steps (milliseconds)."""
         if self.adapter_paths.get(name) == path:
             return
-        weights = await anyio.to_thread.run_sync(read_adapter, name, path, self.dtype)
+        weights = await anyio.to_thread.run_sync(read_adapter, name, path)
         await self._engine.run_command(lambda: self._engine.lora.install(weights))
         self.adapter_paths[name] = path
 

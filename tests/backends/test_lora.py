@@ -57,7 +57,7 @@ def test_rows_match_peft_in_one_mixed_batch(dirs: dict[str, Path]) -> None:
     base = _logits(model, ids)
     bank = LoraBank(model)
     for name in ("a", "b"):
-        bank.install(read_adapter(name, str(dirs[name]), torch.float32))
+        bank.install(read_adapter(name, str(dirs[name])))
     bank.select(rows)
     got = _logits(model, ids)
 
@@ -73,9 +73,9 @@ def test_rows_match_peft_in_one_mixed_batch(dirs: dict[str, Path]) -> None:
 def test_an_adapter_for_another_model_size_is_refused_and_nothing_changes(dirs: dict[str, Path]) -> None:
     model = Qwen2ForCausalLM.from_pretrained(dirs["base"]).eval()
     bank = LoraBank(model)
-    bank.install(read_adapter("a", str(dirs["a"]), torch.float32))
+    bank.install(read_adapter("a", str(dirs["a"])))
     modules_before = [type(m).__name__ for m in model.modules()]
     with pytest.raises(AdapterLoadError, match="q_proj"):
-        bank.install(read_adapter("x", str(dirs["other-size"]), torch.float32))
+        bank.install(read_adapter("x", str(dirs["other-size"])))
     assert bank.names == ["a"]
     assert [type(m).__name__ for m in model.modules()] == modules_before
