@@ -162,10 +162,11 @@ class Engine:
                     break
                 commands = list(self._commands)
                 self._commands.clear()
+            for command in commands:  # before taking joiners: a command sees every request not yet running
+                self._run_command(command)
+            with self._cond:
                 room = self.max_batch_size - len(self._rows)
                 joining = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
-            for command in commands:
-                self._run_command(command)
             try:
                 with torch.inference_mode():
                     self._drop_rows([s for s in self._rows if s.cancelled])

@@ -15,7 +15,7 @@ from backends.base import Capabilities, Delta, GenerationRequest, Health
 from backends.engine import Engine, Sequence
 from backends.lora import read_adapter
 from backends.sampling import RowSampler
-from gateway.errors import BackendUnavailable, GatewayError, InvalidRequest
+from gateway.errors import BackendUnavailable, Conflict, GatewayError, InvalidRequest
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,14 @@ class TorchBackend:
     async def unload_adapter(self, name: str) -> None:
         if name not in self.adapter_paths:
             return
-        await self._engine.run_command(lambda: self._engine.lora.remove(name))
+
+        def remove() -> None:
+            busy = self._engine.adapters_in_use().get(name, 0)
+            if busy:  # the gateway's AdapterPool never asks this; other callers get a refusal, not wrong rows
+                raise Conflict(f"adapter {name!r} has {busy} requests waiting or running")
+            self._engine.lora.remove(name)
+
+        await self._engine.run_command(remove)
         del self.adapter_paths[name]
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
