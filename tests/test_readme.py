@@ -38,6 +38,16 @@ def test_sdk_example(demo_server: str) -> None:
     assert "PKU" in lines[3]
 
 
+def test_adapter_api_example(demo_server: str) -> None:
+    (block,) = [b for b in _blocks("python") if "/v1/adapters" in b]
+    result = subprocess.run([sys.executable, "-c", _local(block, demo_server)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "'pku-assistant': 'loaded'" in lines[0]
+    assert "北大人工智能助手" in lines[1]
+
+
 def test_quick_start_commands_are_what_ci_runs() -> None:
     ci = (Path(__file__).parents[1] / ".ci" / "run").read_text(encoding="utf-8")
     assert "gateway serve --demo" in README
