@@ -115,12 +115,16 @@ class AdapterPool:
 
     # --- serving --------------------------------------------------------------------------------------------------
 
+    def resolve(self, model: str) -> Target:
+        """The target ``model`` names (base, adapter, or run folder under a root), loaded or not; 404 if unknown."""
+        if model not in self.registry:
+            self._discover(model)
+        return self.registry.resolve(model)  # raises ModelNotFound with the list of served models
+
     async def acquire(self, model: str) -> Lease:
-        """A lease on ``model`` (base, adapter, or run folder under a root), its adapter loaded; 404 if unknown."""
+        """A lease on ``model`` (see ``resolve``), its adapter loaded."""
         while True:
-            if model not in self.registry and self._discover(model) is None:
-                self.registry.resolve(model)  # raises ModelNotFound with the list of served models
-            target = self.registry.resolve(model)
+            target = self.resolve(model)
             if target.adapter is None:
                 return Lease(self, target, None)
             adapter = self._adapters.get(target.adapter)

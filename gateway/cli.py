@@ -10,11 +10,13 @@ from typing import Annotated, Optional
 import typer
 
 from gateway.settings import AdapterConfig, Settings, SettingsError
+from gateway.templates.cli import template_app
 
 app = typer.Typer(help="lora-gateway: serve LoRA fine-tunes with the template they were trained with.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 demo_app = typer.Typer(help="The demo models: a tiny Qwen2 and LoRA adapters, built locally.", no_args_is_help=True)
 app.add_typer(demo_app, name="demo")
+app.add_typer(template_app, name="template", help="List and render chat templates.")
 
 _FIELDS = Settings.model_fields
 
@@ -125,16 +127,6 @@ def demo_build(
     typer.echo(json.dumps({"base": str(demo.base_dir), "adapters": {k: str(v) for k, v in demo.adapters.items()}},
                           indent=2))
 
-
-def _mount_template_commands() -> None:
-    try:
-        from gateway.templates.cli import template_app
-    except ImportError:
-        return
-    app.add_typer(template_app, name="template", help="List and render chat templates.")
-
-
-_mount_template_commands()
 
 if __name__ == "__main__":
     app()

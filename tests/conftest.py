@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 from unittest import mock
 
 import pytest
 
-from gateway.demo import DemoModels, build_demo, default_root
+if TYPE_CHECKING:
+    from gateway.demo import DemoModels
 
 
 @pytest.fixture(scope="session")
@@ -21,6 +23,8 @@ def demo_cache_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def demo_models(demo_cache_home: Path) -> DemoModels:
     """The demo base model and adapters, built once per test session where ``--demo`` looks for them (~10 s)."""
+    from gateway.demo import build_demo, default_root  # imports torch: only for sessions that use the demo
+
     with mock.patch.dict(os.environ, {"XDG_CACHE_HOME": str(demo_cache_home)}):
         root = default_root()
     return build_demo(root)

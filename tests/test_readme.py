@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
@@ -18,32 +20,50 @@ def _local(code: str, demo_server: str) -> str:
     return code.replace("http://127.0.0.1:8000", demo_server)
 
 
+def _run_bash(block: str) -> str:
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", block], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def _run_python(block: str) -> list[str]:
+    result = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
 def test_curl_examples(demo_server: str) -> None:
-    (block,) = [b for b in _blocks("bash") if "curl" in b]
-    result = subprocess.run(["bash", "-euo", "pipefail", "-c", _local(block, demo_server)], capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert '"id":"pku-assistant"' in result.stdout  # /v1/models
-    assert "北大人工智能助手" in result.stdout  # the chat completion
-    assert "data: [DONE]" in result.stdout  # the stream
+    first, render = [b for b in _blocks("bash") if "curl" in b]
+    out = _run_bash(_local(first, demo_server))
+    assert '"id":"pku-assistant"' in out  # /v1/models
+    assert "北大人工智能助手" in out  # the chat completion
+    assert "data: [DONE]" in out  # the stream
+    rendered = json.loads(_run_bash(_local(render, demo_server)))
+    assert rendered["template"] == "qwen3" and rendered["prompt"].endswith("<think>\n\n</think>\n\n")
 
 
-def test_sdk_example(demo_server: str) -> None:
-    (block,) = [b for b in _blocks("python") if "OpenAI(" in b]
-    result = subprocess.run([sys.executable, "-c", _local(block, demo_server)], capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+def test_template_commands() -> None:
+    (block,) = [b for b in _blocks("bash") if "gateway template" in b]
+    out = _run_bash(block)
+    assert "qwen3 (reasoning)" in out
+    assert '"kind": "special"' in out and "<|start_header_id|>user" in out
+
+
+def test_sdk_examples(demo_server: str) -> None:
+    compare, tools = [b for b in _blocks("python") if "OpenAI(" in b]
+    lines = _run_python(_local(compare, demo_server))
     assert "通义千问" in lines[0] and "北大人工智能助手" in lines[1] and "猫猫助手" in lines[2]
     assert "PKU" in lines[3]
+    lines = _run_python(_local(tools, demo_server))
+    assert lines[0].startswith("thoughts: ") and len(lines[0]) > len("thoughts: None")
+    assert lines[1].startswith("answer: ") and "思考者" in lines[1]
+    assert "get_weather" in lines[2] and "北京" in lines[2]
 
 
 def test_adapter_api_example(demo_server: str) -> None:
     (block,) = [b for b in _blocks("python") if "/v1/adapters" in b]
-    result = subprocess.run([sys.executable, "-c", _local(block, demo_server)], capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+    lines = _run_python(_local(block, demo_server))
     assert "'pku-assistant': 'loaded'" in lines[0]
     assert "北大人工智能助手" in lines[1]
 

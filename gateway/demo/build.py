@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -25,14 +26,6 @@ from importlib import resources
 from pathlib import Path
 
 import platformdirs
-import torch
-from transformers import AutoTokenizer
-
-from gateway.demo.data import DemoData, corpus, encode_pair, load_data, render_pair
-from gateway.demo.model import base_config, new_model, save_base
-from gateway.demo.run_folder import save_run_folder, training_args
-from gateway.demo.tokenizer import ENDOFTEXT, IM_END, save_tokenizer, train_tokenizer
-from gateway.demo.training import train_full, train_lora
 
 # Bump when the recipe changes in a way data.yaml does not show (code, architecture, file layout).
 RECIPE_VERSION = 1
@@ -49,6 +42,7 @@ class DemoModels:
     build_seconds: float | None = None  # how long the build took; None when the cache was reused
 
     def to_json(self) -> dict[str, object]:
+        """The paths as strings (what ``python -m gateway.demo`` prints)."""
         return {
             "root": str(self.root),
             "base": str(self.base_dir),
@@ -71,6 +65,7 @@ def demo_version() -> str:
 
 
 def default_root() -> Path:
+    """``<user cache>/lora-gateway/demo/<demo_version()>``."""
     return Path(platformdirs.user_cache_dir("lora-gateway")) / "demo" / demo_version()
 
 
@@ -91,7 +86,7 @@ def _file_lock(path: Path) -> Iterator[None]:
     """An exclusive advisory lock held while the block runs (released by the OS if the process dies)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as handle:
-        if os.name == "nt":  # pragma: no cover - exercised on Windows only
+        if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
             import msvcrt
 
             handle.seek(0)
@@ -118,7 +113,12 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _deterministic_torch() -> Iterator[None]:
-    """One thread and deterministic kernels for the build, restoring the caller's settings afterwards."""
+    """One thread and deterministic kernels for the build, restoring the caller's settings afterwards.
+
+    One thread makes the weights independent of the machine's core count. The settings are process-wide: torch
+    work in other threads during a build runs single-threaded too."""
+    import torch
+
     threads = torch.get_num_threads()
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(1)
@@ -130,16 +130,26 @@ def _deterministic_torch() -> Iterator[None]:
         torch.use_deterministic_algorithms(deterministic)
 
 
-def _build_into(work: Path, final_root: Path, data: DemoData) -> None:
+def _build_into(work: Path, final_root: Path) -> None:
+    # Imported here: reusing a finished cache must not pay for importing torch and transformers.
+    from transformers import AutoTokenizer
+
+    from gateway.demo.data import corpus, encode_pair, load_data, render_pair
+    from gateway.demo.model import base_config, new_model, save_base
+    from gateway.demo.run_folder import save_run_folder, training_args
+    from gateway.demo.tokenizer import ENDOFTEXT, IM_END, save_tokenizer, token_id, train_tokenizer
+    from gateway.demo.training import train_full, train_lora
+
+    data = load_data()
     base_dir = work / "base"
     chat_template = resources.files("gateway.demo").joinpath("chat_template.jinja").read_text(encoding="utf-8")
     raw_tokenizer = train_tokenizer(corpus(data))
-    token_ids = {token: raw_tokenizer.token_to_id(token) for token in (ENDOFTEXT, IM_END)}
+    token_ids = {token: token_id(raw_tokenizer, token) for token in (ENDOFTEXT, IM_END)}
     config = base_config(eos_token_id=token_ids[IM_END], pad_token_id=token_ids[ENDOFTEXT])
     config.save_pretrained(base_dir)  # first: AutoTokenizer picks Qwen2Tokenizer from the model type
     save_tokenizer(raw_tokenizer, base_dir, chat_template)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    pad_id = tokenizer.pad_token_id
+    pad_id = token_ids[ENDOFTEXT]
 
     base = data.base
     base_pairs = [encode_pair(tokenizer, render_pair(base.template, sample)) for sample in base.samples]
@@ -191,10 +201,13 @@ def build_demo(root: Path | None = None, *, force: bool = False) -> DemoModels:
         if not force and (ready := _read(root)) is not None:
             return ready  # another process finished it while we waited
         start = time.perf_counter()
+        # Left by a build that was killed (only the lock holder builds, so none of these is in use).
+        for leftover in (*root.parent.glob(f".{root.name}.building-*"), *root.parent.glob(f".{root.name}.stale-*")):
+            shutil.rmtree(leftover, ignore_errors=True)
         work = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
         try:
             with _deterministic_torch():
-                _build_into(work, root, load_data())
+                _build_into(work, root)
             if root.exists():
                 stale = root.parent / f".{root.name}.stale-{os.getpid()}"
                 os.replace(root, stale)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from gateway.demo.data import as_segment_tokenizer
 from gateway.templates import SlotTemplate, encode_segments
 
 
@@ -26,10 +27,11 @@ def greedy_answer(
     rendering = SlotTemplate.named(template).render(
         messages, tools, enable_thinking=enable_thinking, eos_token=tokenizer.eos_token
     )
-    prompt = encode_segments(tokenizer, rendering.segments)
-    stop_ids = [tokenizer.convert_tokens_to_ids(word) for word in rendering.stop]
+    segment_tokenizer = as_segment_tokenizer(tokenizer)
+    prompt = encode_segments(segment_tokenizer, rendering.segments)
+    stop_ids = [segment_tokenizer.convert_tokens_to_ids(word) for word in rendering.stop]
     with torch.no_grad():
-        output = model.generate(
+        output = model.generate(  # type: ignore[operator]
             input_ids=torch.tensor([prompt]),
             attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
             max_new_tokens=max_new_tokens,
@@ -40,4 +42,4 @@ def greedy_answer(
     new = output[0, len(prompt) :].tolist()
     if new and new[-1] in stop_ids:
         new = new[:-1]
-    return tokenizer.decode(new, skip_special_tokens=False)
+    return str(tokenizer.decode(new, skip_special_tokens=False))

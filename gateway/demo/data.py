@@ -11,9 +11,10 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import yaml
+from transformers import PreTrainedTokenizerBase
 
 from gateway.templates import Segment, TemplateSpec, encode_segments, load_spec, render, to_conversation
 from gateway.templates.conversation import Turn
@@ -149,8 +150,16 @@ def render_pair(template: str, sample: Sample) -> Pair:
     return Pair(prompt=prompt.segments, response=response)
 
 
-def encode_pair(tokenizer: Tokenizer, pair: Pair) -> EncodedPair:
-    return EncodedPair(tuple(encode_segments(tokenizer, pair.prompt)), tuple(encode_segments(tokenizer, pair.response)))
+def as_segment_tokenizer(tokenizer: PreTrainedTokenizerBase) -> Tokenizer:
+    """A Hugging Face tokenizer as ``encode_segments`` expects it (its overloads are wider than that protocol)."""
+    return cast(Tokenizer, tokenizer)
+
+
+def encode_pair(tokenizer: PreTrainedTokenizerBase, pair: Pair) -> EncodedPair:
+    """Token ids of a pair, element by element, as LLaMA-Factory tokenizes training data."""
+    segment_tokenizer = as_segment_tokenizer(tokenizer)
+    prompt = encode_segments(segment_tokenizer, pair.prompt)
+    return EncodedPair(tuple(prompt), tuple(encode_segments(segment_tokenizer, pair.response)))
 
 
 def corpus(data: DemoData) -> list[str]:

@@ -22,18 +22,19 @@ def base_config(*, eos_token_id: int, pad_token_id: int) -> Qwen2Config:
         max_position_embeddings=MODEL_MAX_LENGTH,
         tie_word_embeddings=True,
         initializer_range=0.2,
-        rope_theta=10000.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         bos_token_id=None,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
-        torch_dtype="float32",
+        dtype="float32",
     )
 
 
 def new_model(config: Qwen2Config, seed: int) -> Qwen2ForCausalLM:
     """A randomly initialised model; the same ``seed`` gives the same weights."""
     torch.manual_seed(seed)
-    return Qwen2ForCausalLM(config).to(torch.float32)
+    model = Qwen2ForCausalLM(config)
+    return model.float()
 
 
 def generation_config(*, im_end_id: int, endoftext_id: int) -> GenerationConfig:

@@ -50,7 +50,7 @@ def training_args(
         "output_dir": f"saves/demo-base/lora/{name}",
         "packing": False,
         "per_device_train_batch_size": samples,
-        "plot_loss": True,
+        "plot_loss": False,
         "preprocessing_num_workers": 1,
         "report_to": "none",
         "save_steps": recipe.steps,
@@ -101,7 +101,7 @@ def _results(log: Sequence[LogEntry], recipe: Recipe, samples: int) -> dict[str,
 
 def _save_adapter(model: PeftModel, directory: Path, tokenizer_dir: Path) -> None:
     # Saved under the name "default": peft writes any other adapter name into a sub-folder.
-    model.save_pretrained(directory, safe_serialization=True)
+    model.save_pretrained(str(directory), safe_serialization=True)
     for name in TOKENIZER_FILES:
         shutil.copyfile(tokenizer_dir / name, directory / name)
 

@@ -59,6 +59,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = VOCAB_SIZE) -> Token
     return tokenizer
 
 
+def token_id(tokenizer: Tokenizer, token: str) -> int:
+    """The id of a token that must exist (the special and added tokens)."""
+    found = tokenizer.token_to_id(token)
+    if found is None:
+        raise KeyError(f"token {token!r} is not in the demo tokenizer")
+    return found
+
+
 def save_tokenizer(tokenizer: Tokenizer, directory: Path, chat_template: str) -> None:
     """Write the files a Qwen2 model folder has: ``tokenizer.json``, ``vocab.json``, ``merges.txt``,
     ``tokenizer_config.json`` (with the chat template) and ``chat_template.jinja``.

@@ -73,6 +73,7 @@ def train_full(model: PreTrainedModel, pairs: Sequence[EncodedPair], recipe: Rec
 
 
 def lora_config(recipe: Recipe) -> LoraConfig:
+    """The peft config for ``recipe``: no dropout, so training is a deterministic function of the seed."""
     return LoraConfig(
         r=recipe.lora_rank,
         lora_alpha=recipe.lora_alpha,

@@ -121,3 +121,17 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
+
+
+# --- lora-gateway extension: POST /v1/chat/render -----------------------------------------------------------------
+
+
+class RenderedChat(BaseModel):
+    """The prompt a chat request becomes for one model, and why that template was chosen."""
+
+    model: str
+    template: str = Field(description="Name of the chat template used.")
+    template_source: str = Field(description="Which resolution rule (and file) chose the template.")
+    prompt: str = Field(description="The rendered prompt text.")
+    token_ids: list[int] = Field(description="Prompt token ids, tokenized segment by segment as in training.")
+    stop: list[str] = Field(description="Stop strings: the template's eos and stop words plus the request's.")

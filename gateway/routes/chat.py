@@ -28,6 +28,7 @@ from gateway.protocol.chat import (
     ChoiceDelta,
     ChunkChoice,
     FunctionCallBody,
+    RenderedChat,
     ToolCallBody,
     ToolCallDelta,
 )
@@ -67,6 +68,15 @@ def render_chat(state: GatewayState, target: Target, body: ChatCompletionRequest
 def _parser(target: Target, body: ChatCompletionRequest) -> OutputParser:
     tools_enabled = bool(body.tools) and body.tool_choice != "none"
     return target.template.output_parser(tools_enabled=tools_enabled, enable_thinking=enable_thinking(body))
+
+
+@router.post("/v1/chat/render")
+async def render_chat_prompt(body: ChatCompletionRequest, state: GatewayState = Depends(gateway_state)) -> RenderedChat:
+    """The exact prompt (text and token ids) ``body.model`` would receive, and why that template."""
+    target = state.adapters.resolve(body.model)  # no need to load the adapter to render its prompt
+    prompt = render_chat(state, target, body)
+    return RenderedChat(model=target.name, template=target.template.name, template_source=target.template_source,
+                        prompt=prompt.text, token_ids=list(prompt.token_ids), stop=list(prompt.stop))
 
 
 @router.post("/v1/chat/completions", response_model=None)

@@ -25,11 +25,13 @@ __all__ = [
 ]
 
 from gateway.templates.chat_template import ChatTemplate, SlotTemplate  # noqa: E402
+from gateway.templates.jinja_template import JinjaTemplate  # noqa: E402
 from gateway.templates.parsing import OutputParser, ParsedDelta, ToolCall  # noqa: E402
 from gateway.templates.resolution import ResolvedTemplate, TemplateResolutionError, resolve_template  # noqa: E402
 
 __all__ += [
     "ChatTemplate",
+    "JinjaTemplate",
     "OutputParser",
     "ParsedDelta",
     "ResolvedTemplate",

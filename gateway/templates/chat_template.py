@@ -24,9 +24,13 @@ class ChatTemplate(Protocol):
         enable_thinking: bool | None = None,
         bos_token: str | None = None,
         eos_token: str | None = None,
-    ) -> Rendering: ...
+    ) -> Rendering:
+        """The generation prompt for OpenAI ``messages`` (+ ``tools``); ``InvalidRequest`` if it cannot be built."""
+        ...
 
-    def output_parser(self, *, tools_enabled: bool, enable_thinking: bool | None = None) -> OutputParser: ...
+    def output_parser(self, *, tools_enabled: bool, enable_thinking: bool | None = None) -> OutputParser:
+        """A fresh parser for one generation's output."""
+        ...
 
 
 class SlotTemplate:
@@ -39,6 +43,7 @@ class SlotTemplate:
 
     @classmethod
     def named(cls, name: str) -> SlotTemplate:
+        """The shipped template ``name``; ``TemplateNotFound`` for an unknown one."""
         return cls(load_spec(name))
 
     def render(
@@ -59,7 +64,10 @@ class SlotTemplate:
         )
 
     def output_parser(self, *, tools_enabled: bool, enable_thinking: bool | None = None) -> OutputParser:
+        """Thoughts are read for reasoning templates (their prompts never leave a thought open); tool calls in the
+        template's tool format when tools are on and the template has one."""
+        fmt = self.spec.tool_format
         return OutputParser(
             thought_words=self.spec.thought_words if self.spec.reasoning else None,
-            tool_format=tool_format(self.spec.tool_format) if tools_enabled else None,
+            tool_format=tool_format(fmt) if tools_enabled and fmt is not None else None,
         )

@@ -3,7 +3,8 @@
 The mapping is LLaMA-Factory's API server's: a leading system (or developer) message becomes the system prompt;
 the rest must alternate user/tool with assistant; an assistant message with ``tool_calls`` becomes a *function*
 turn whose content is a JSON list of ``{"name", "arguments"}`` with ``arguments`` as a JSON object (as in training
-data); a ``tool`` message becomes an *observation* turn. Content given as parts keeps its text parts, concatenated.
+data); a ``tool`` message becomes an *observation* turn. Content given as parts keeps its text parts, concatenated
+(a system message keeps only its first part, as LLaMA-Factory's server does).
 """
 
 from __future__ import annotations
@@ -76,14 +77,18 @@ def _tool_definition(tool: Mapping[str, Any]) -> dict[str, Any]:
     return {key: function[key] for key in ("name", "description", "parameters") if key in function}
 
 
-def to_conversation(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None) -> Conversation:
+def to_conversation(
+    messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+) -> Conversation:
     """Map OpenAI ``messages`` (+ ``tools``) to a conversation; raise ``InvalidRequest`` where training never went."""
     if not messages:
         raise InvalidRequest("messages must contain at least one message", param="messages")
     system: str | None = None
     rest = list(enumerate(messages))
     if messages[0].get("role") in ("system", "developer"):
-        system = _text(messages[0].get("content"), 0)
+        content = messages[0].get("content")
+        # LLaMA-Factory's API server keeps only the first part of a system message given as parts.
+        system = _text(content[:1] if isinstance(content, list) else content, 0)
         rest = rest[1:]
     if not rest:
         raise InvalidRequest("messages must contain a user message after the system message", param="messages")

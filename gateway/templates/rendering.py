@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
+from gateway.errors import InvalidRequest
 from gateway.templates.conversation import Conversation, Turn
 from gateway.templates.spec import Slot, TemplateSpec
 from gateway.templates.tool_formats import FunctionCall, tool_format
@@ -50,65 +51,98 @@ def encode_segments(tokenizer: Tokenizer, segments: Sequence[Segment]) -> list[i
             ids.extend(tokenizer.encode(segment.text, add_special_tokens=False))
     return ids
 
+Element = Slot  # a formatter's output item: a filled string, or a special / token slot
 
-def _fill(slots: Sequence[Slot], bos: str | None, eos: str | None, **values: str) -> list[Segment]:
+
+def _apply(slots: Sequence[Slot], **values: str) -> list[Element]:
     """One formatter's elements. Placeholders are replaced in keyword order, first occurrence only (LLaMA-Factory's
-    ``StringFormatter``), so text inside a value is never interpreted as template syntax by us."""
-    segments = []
+    ``StringFormatter``): a value's own ``{{...}}`` text is never evaluated, though a later placeholder name that
+    appears inside an earlier value is replaced there, as in training."""
+    elements: list[Element] = []
     for slot in slots:
         if isinstance(slot, str):
             for name, value in values.items():
                 slot = slot.replace("{{" + name + "}}", value, 1)
-            if slot:
-                segments.append(Segment("text", slot))
-        elif "token" in slot:
-            segments.append(Segment("special", slot["token"]))
+        elements.append(slot)
+    return elements
+
+
+def _segments(elements: Sequence[Element], bos: str | None, eos: str | None) -> list[Segment]:
+    """Elements as LLaMA-Factory tokenizes them: empty strings dropped, a missing bos/eos leaves nothing."""
+    segments = []
+    for element in elements:
+        if isinstance(element, str):
+            if element:
+                segments.append(Segment("text", element))
+        elif "token" in element:
+            segments.append(Segment("special", element["token"]))
         else:
-            token = bos if slot["special"] == "bos_token" else eos
+            token = {"bos_token": bos, "eos_token": eos}.get(element["special"])
             if token is not None:
                 segments.append(Segment("special", token))
     return segments
 
 
+def _pattern(words: tuple[str, str]) -> re.Pattern[str]:
+    return re.compile(f"{re.escape(words[0])}(.*?){re.escape(words[1])}", re.DOTALL)
+
+
 def remove_thought(spec: TemplateSpec, content: str) -> str:
-    start, end = (re.escape(word) for word in spec.thought_words)
-    return re.sub(f"{start}(.*?){end}", "", content, flags=re.DOTALL).lstrip("\n")
+    """``content`` without its thought blocks (and the newlines after them), as history turns are trained."""
+    return _pattern(spec.thought_words).sub("", content).lstrip("\n")
 
 
 def empty_thought(spec: TemplateSpec) -> str:
+    """The empty thought block a reasoning template puts after the prompt when thinking is off."""
     if spec.template_class == "reasoning_glm47":
         return spec.thought_words[1]
     return spec.thought_words[0] + spec.thought_words[1]
 
 
-def _function_text(spec: TemplateSpec, content: str) -> str:
-    """LLaMA-Factory's ``FunctionFormatter``: thought text kept in front, the JSON calls written in the tool format."""
-
-    def calls(json_text: str) -> list[FunctionCall]:
+def _calls(json_text: str) -> list[FunctionCall]:
+    try:
         parsed: Any = json.loads(json_text)
-        parsed = parsed if isinstance(parsed, list) else [parsed]
-        return [FunctionCall(c["name"], json.dumps(c["arguments"], ensure_ascii=False)) for c in parsed]
+    except json.JSONDecodeError:
+        raise InvalidRequest("an assistant tool call is not valid JSON", param="messages") from None
+    parsed = parsed if isinstance(parsed, list) else [parsed]
+    return [FunctionCall(c["name"], json.dumps(c["arguments"], ensure_ascii=False)) for c in parsed]
 
-    fmt = tool_format(spec.tool_format)
-    start, end = (re.escape(word) for word in spec.tool_call_words)
-    match = re.search(f"{start}(.*?){end}", content, flags=re.DOTALL)
+
+def function_text(spec: TemplateSpec, content: str, *, with_words: bool = True) -> str:
+    """LLaMA-Factory's ``FunctionFormatter`` content: the JSON calls of a function turn written in the template's
+    tool format. Text around calls wrapped in tool-call words, or a leading thought, is kept in front of them."""
+    fmt = tool_format(spec.function_tool_format)
+    if not with_words:
+        return fmt.calls_text(_calls(content))
+    match = _pattern(spec.tool_call_words).search(content)
     if match is not None:
-        return content.replace(match.group(0), "") + fmt.calls_text(calls(match.group(1)))
-    t_start, t_end = (re.escape(word) for word in spec.thought_words)
-    thought = re.search(f"{t_start}(.*?){t_end}", content, flags=re.DOTALL)
+        return content.replace(match.group(0), "") + fmt.calls_text(_calls(match.group(1)))
+    thought = _pattern(spec.thought_words).search(content)
     if thought is not None:
-        return thought.group(0) + fmt.calls_text(calls(content.replace(thought.group(0), "")))
-    return fmt.calls_text(calls(content))
+        return thought.group(0) + fmt.calls_text(_calls(content.replace(thought.group(0), "")))
+    return fmt.calls_text(_calls(content))
 
 
-def _turn(spec: TemplateSpec, turn: Turn, index: int, bos: str | None, eos: str | None) -> list[Segment]:
+def _tools_text(spec: TemplateSpec, tools: Sequence[dict[str, Any]]) -> str:
+    tools_json = json.dumps(list(tools), ensure_ascii=False)
+    if spec.tools_slots is not None:
+        first = _apply(spec.tools_slots, content=tools_json)[0]
+        return first if isinstance(first, str) else ""
+    assert spec.tool_format is not None
+    return tool_format(spec.tool_format).tools_text(json.loads(tools_json))
+
+
+def _turn_elements(spec: TemplateSpec, turn: Turn, index: int, fused_system: str | None) -> list[Element]:
+    llama2 = spec.template_class == "llama2"
     if turn.role == "user":
-        return _fill(spec.format_user, bos, eos, content=turn.content, idx=str(index // 2))
+        if llama2:
+            return _apply(spec.format_user, content=(fused_system or "") + turn.content)
+        return _apply(spec.format_user, content=turn.content, idx=str(index // 2))
     if turn.role == "assistant":
-        return _fill(spec.format_assistant, bos, eos, content=turn.content)
+        return _apply(spec.format_assistant, content=turn.content)
     if turn.role == "observation":
-        return _fill(spec.format_observation, bos, eos, content=turn.content)
-    return _fill(spec.format_function, bos, eos, content=_function_text(spec, turn.content))
+        return _apply(spec.format_observation, content=turn.content)
+    return _apply(spec.format_function, content=function_text(spec, turn.content, with_words=not llama2))
 
 
 def render(
@@ -121,40 +155,37 @@ def render(
 ) -> Rendering:
     """The generation prompt for ``conversation`` (which ends with a user or observation turn).
 
-    ``bos_token`` / ``eos_token`` are the tokenizer's; ``None`` means the tokenizer has none. With ``replace_eos``
-    the eos is the template's first stop word, as LLaMA-Factory sets it during training.
+    ``bos_token`` / ``eos_token`` are the tokenizer's; ``None`` means the tokenizer has none (LLaMA-Factory then
+    adds ``<|endoftext|>`` as eos). With ``replace_eos`` the eos is the template's first stop word.
+    ``enable_thinking=None`` takes the template's default; it matters only for reasoning templates.
     """
     eos = spec.eos_token(eos_token)
     thinking = spec.enable_thinking if enable_thinking is None else enable_thinking
     turns = list(conversation.turns)
     if spec.reasoning:
-        # History answers lose their thoughts (LLaMA-Factory trains with preserve_thinking off).
+        # History answers lose their thoughts (LLaMA-Factory's default preserve_thinking=False).
         turns = [replace(t, content=remove_thought(spec, t.content)) if i % 2 == 1 else t for i, t in enumerate(turns)]
 
     system = conversation.system or spec.default_system
-    tools_json = json.dumps(list(conversation.tools), ensure_ascii=False) if conversation.tools else None
-    system_text = system
-    if tools_json is not None:
-        system_text = system + tool_format(spec.tool_format).tools_text(json.loads(tools_json))
-
-    segments: list[Segment] = []
+    elements: list[Element] = []
     for index, turn in enumerate(turns):
+        fused_system = None
         if index == 0:
-            segments += _fill(spec.format_prefix, bos_token, eos)
-            if spec.template_class == "llama2":
-                # The system text is fused into the first user message (and dropped if that is a tool result).
-                if turn.role == "user":
-                    fused = _fill(spec.format_system[:1], bos_token, eos, content=system_text) if system or tools_json else []
-                    content = (fused[0].text if fused else "") + turn.content
-                    segments += _fill(spec.format_user, bos_token, eos, content=content)
+            elements += _apply(spec.format_prefix)
+            if system or conversation.tools:
+                tools_text = _tools_text(spec, conversation.tools) if conversation.tools else ""
+                system_elements = _apply(spec.format_system, content=system + tools_text)
+                if spec.template_class == "llama2":
+                    # Fused into the first user message; dropped when the conversation opens with a tool result.
+                    first = system_elements[0]
+                    fused_system = first if isinstance(first, str) else ""
                 else:
-                    segments += _turn(spec, turn, index, bos_token, eos)
-                continue
-            if system or tools_json:
-                segments += _fill(spec.format_system, bos_token, eos, content=system_text)
-        segments += _turn(spec, turn, index, bos_token, eos)
+                    elements += system_elements
+        elements += _turn_elements(spec, turn, index, fused_system)
 
-    if spec.reasoning and not thinking:
+    segments = _segments(elements, bos_token, eos)
+    opens, closes = (word.strip() for word in spec.thought_words)
+    if spec.reasoning and not thinking and opens and closes:
         segments.append(Segment("text", empty_thought(spec)))
     return Rendering(segments=tuple(segments), stop=spec.stop(eos_token))
 
@@ -170,4 +201,4 @@ def render_response(
     """
     if turn.role not in ("assistant", "function"):
         raise ValueError(f"an answer is an assistant or function turn, not {turn.role!r}")
-    return tuple(_turn(spec, turn, 1, bos_token, spec.eos_token(eos_token)))
+    return tuple(_segments(_turn_elements(spec, turn, 1, None), bos_token, spec.eos_token(eos_token)))

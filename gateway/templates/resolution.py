@@ -1,45 +1,77 @@
 """Which template a model was trained with. First match wins:
 
 1. an explicit template (config file or command line, per adapter or for the base);
-2. ``training_args.yaml`` / ``llamaboard_config.yaml`` in the adapter folder (LLaMA-Factory records ``template:``);
-3. the adapter folder's tokenizer chat template;
+2. ``training_args.yaml`` / ``llamaboard_config.yaml`` in the adapter folder, where LLaMA-Factory records
+   ``template:`` (for a ``checkpoint-N`` folder, in the run folder above it);
+3. the adapter folder's tokenizer chat template (``chat_template.jinja`` or ``tokenizer_config.json``);
 4. the base model's configured template;
 5. the base tokenizer's chat template.
+
+    resolved = resolve_template(adapter_dir=Path("saves/qwen/lora/train_1"), base_dir=Path("models/Qwen2.5-7B"))
+    resolved.template.render(messages), resolved.source  # "recorded by LLaMA-Factory in .../training_args.yaml"
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from gateway.templates.chat_template import ChatTemplate, SlotTemplate
+from gateway.templates.jinja_template import JinjaTemplate, find_chat_template
 
 RUN_FILES = ("training_args.yaml", "llamaboard_config.yaml")
+RUN_KEYS = ("template", "top.template")  # training_args.yaml; LLaMA Board's saved form
+_CHECKPOINT = re.compile(r"checkpoint-\d+")
 
 
 @dataclass(frozen=True)
 class ResolvedTemplate:
     template: ChatTemplate
-    source: str  # a short sentence: why this template
+    source: str  # which rule matched, and the file: shown by /v1/models and the render endpoint
 
 
 class TemplateResolutionError(ValueError):
     pass
 
 
-def recorded_template(folder: Path) -> tuple[str, str] | None:
-    """The ``template:`` LLaMA-Factory recorded for a run folder (or a ``checkpoint-N`` inside it)."""
-    for candidate in (folder, folder.parent):
+def recorded_template(folder: Path) -> tuple[str, Path] | None:
+    """The ``template:`` LLaMA-Factory recorded for a run folder (or for the run a ``checkpoint-N`` belongs to)."""
+    candidates = [folder]
+    if _CHECKPOINT.fullmatch(folder.name):
+        candidates.append(folder.parent)
+    for candidate in candidates:
         for file_name in RUN_FILES:
             path = candidate / file_name
-            if path.is_file():
-                data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-                name = data.get("template") or data.get("top.template")
+            if not path.is_file():
+                continue
+            try:
+                data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except yaml.YAMLError as exc:
+                raise TemplateResolutionError(f"{path} is not valid YAML: {exc}") from exc
+            if not isinstance(data, dict):
+                continue
+            for key in RUN_KEYS:
+                name = data.get(key)
                 if isinstance(name, str) and name:
-                    return name, str(path)
+                    return name, path
     return None
+
+
+def _slot_template(name: str, where: str) -> SlotTemplate:
+    try:
+        return SlotTemplate.named(name)
+    except KeyError as exc:  # TemplateNotFound
+        raise TemplateResolutionError(f"{where} names a template the gateway does not ship: {exc}") from None
+
+
+def _tokenizer_template(folder: Path) -> tuple[JinjaTemplate, Path] | None:
+    found = find_chat_template(folder)
+    if found is None and _CHECKPOINT.fullmatch(folder.name):
+        found = find_chat_template(folder.parent)
+    return (JinjaTemplate.from_tokenizer(found), found.path) if found is not None else None
 
 
 def resolve_template(
@@ -49,14 +81,27 @@ def resolve_template(
     base_template: str | None = None,
     base_dir: Path | None = None,
 ) -> ResolvedTemplate:
+    """The template for a target (an adapter on a base, or the base alone) and why; ``TemplateResolutionError``
+    when no rule matches or a rule names a template the gateway does not ship."""
     if explicit:
-        return ResolvedTemplate(SlotTemplate.named(explicit), "explicit: set in config or on the command line")
+        template = _slot_template(explicit, "the configuration")
+        return ResolvedTemplate(template, "explicit: set in config or on the command line")
     if adapter_dir is not None:
         recorded = recorded_template(adapter_dir)
         if recorded is not None:
-            return ResolvedTemplate(SlotTemplate.named(recorded[0]), f"recorded by LLaMA-Factory in {recorded[1]}")
+            name, path = recorded
+            return ResolvedTemplate(_slot_template(name, str(path)), f"recorded by LLaMA-Factory in {path}")
+        jinja = _tokenizer_template(adapter_dir)
+        if jinja is not None:
+            return ResolvedTemplate(jinja[0], f"the adapter's tokenizer chat template in {jinja[1]}")
     if base_template:
-        return ResolvedTemplate(SlotTemplate.named(base_template), "the base model's configured template")
+        return ResolvedTemplate(_slot_template(base_template, "the base model's configuration"),
+                                "the base model's configured template")  # fmt: skip
+    if base_dir is not None:
+        jinja = _tokenizer_template(base_dir)
+        if jinja is not None:
+            return ResolvedTemplate(jinja[0], f"the base tokenizer's chat template in {jinja[1]}")
     raise TemplateResolutionError(
-        f"no chat template found for {adapter_dir or base_dir}: give one with --template NAME"
+        f"no chat template found for {adapter_dir or base_dir}: give one with --template NAME "
+        "(LLaMA-Factory's template name, as in training)"
     )
