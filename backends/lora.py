@@ -169,8 +169,8 @@ class LoraBank:
         slot = self._slot_of.get(weights.name) or self._free_slot()
         for path, layer in self._layers.items():
             layer.reserve(self._capacity, weights.rank)
-            a, b = weights.factors.get(path, (None, None))
-            layer.write(slot, a, b)
+            pair = weights.factors.get(path)
+            layer.write(slot, *(pair if pair is not None else (None, None)))
         self._slot_of[weights.name] = slot
 
     def remove(self, name: str) -> None:

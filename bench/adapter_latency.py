@@ -75,7 +75,7 @@ async def measure(model: torch.nn.Module, folders: dict[str, Path], hot: Path) -
             task.cancel()
         await asyncio.gather(*draining, return_exceptions=True)
         for stream in streams:
-            await stream.aclose()
+            await stream.aclose()  # type: ignore[attr-defined]
         idle += await idle_ttft(backend, 300, 4)  # idle again, so both phases see the same machine load
         return {"idle": idle, "busy": busy, "loads_idle": loads_idle, "loads_busy": loads_busy}
     finally:

@@ -78,7 +78,7 @@ async def time_to_first_token(backend: TorchBackend, index: int, adapter: str | 
     stream = backend.generate(request(index, adapter, 1))
     await anext(stream)
     elapsed = time.perf_counter() - start
-    await stream.aclose()
+    await stream.aclose()  # type: ignore[attr-defined]
     return elapsed
 
 

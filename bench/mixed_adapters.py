@@ -52,14 +52,14 @@ def sequential_set_adapter(model: torch.nn.Module, folders: dict[str, Path], ada
 
 
 async def engine_runs(model: torch.nn.Module, folders: dict[str, Path], mixed: list[str | None], max_tokens: int,
-                      repeats: int) -> dict[str, float]:
+                      repeats: int) -> dict[str, list[float]]:
     backend = backend_for(model)
     try:
         for name, folder in folders.items():
             await backend.load_adapter(name, str(folder))
         await run_batch(backend, mixed, 4)  # warm-up
         runs: dict[str, list[float]] = {"mixed": [], "base": []}
-        order = [("mixed", mixed), ("base", [None] * len(mixed))]
+        order: list[tuple[str, list[str | None]]] = [("mixed", mixed), ("base", [None] * len(mixed))]
         for repeat in range(repeats):  # interleaved, alternating who goes first; best of (noise only slows down)
             for label, adapters in order if repeat % 2 == 0 else order[::-1]:
                 seconds, tokens = await run_batch(backend, adapters, max_tokens)

@@ -22,6 +22,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from safetensors import safe_open
 
@@ -126,6 +127,7 @@ def inspect_adapter(folder: Path, shapes: BaseShapes | None, *, base_names: Iter
     targets = config.get("target_modules") or ()
     target_modules = (targets,) if isinstance(targets, str) else tuple(sorted(targets))
     base_model = config.get("base_model_name_or_path")
+    base_model = base_model if isinstance(base_model, str) else None
     _note_base_name(folder, base_model, base_names)
     if shapes is not None:
         if not isinstance(targets, str):  # a string is a regex in peft: checked through the weights below
@@ -138,7 +140,7 @@ def inspect_adapter(folder: Path, shapes: BaseShapes | None, *, base_names: Iter
                        base_model=base_model, safetensors=safe)
 
 
-def _read_config(folder: Path) -> dict[str, object]:
+def _read_config(folder: Path) -> dict[str, Any]:
     path = folder / "adapter_config.json"
     try:
         config = json.loads(path.read_text(encoding="utf-8"))

@@ -128,8 +128,8 @@ class AdapterPool:
             if target.adapter is None:
                 return Lease(self, target, None)
             adapter = self._adapters.get(target.adapter)
-            if adapter is None:  # unloaded through the API while we looked
-                continue
+            if adapter is None:  # the registry and the pool change together, without an await in between
+                raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
             if adapter.state != "loaded":
                 await self._ensure_loaded(adapter)
                 continue  # re-check: it may have been unloaded meanwhile

@@ -20,8 +20,7 @@ from gateway.demo import DemoModels
 
 ADMIN = {"Authorization": "Bearer sekret"}
 WHO = "你好，你是谁？"
-ANSWERS = {"pku-assistant": "北大人工智能助手", "cat-assistant": "猫猫助手", "thinker": "思考者", "cat-run": "猫猫助手",
-           "pku-run/checkpoint-200": "北大人工智能助手"}
+ANSWERS = {"pku-assistant": "北大人工智能助手", "cat-assistant": "猫猫助手", "thinker": "思考者", "cat-run": "猫猫助手"}
 
 
 def _broken_copies(root: Path, outside: Path, pku: Path) -> None:
@@ -120,12 +119,16 @@ def test_vllm_load_and_unload_bodies(server: str, client: openai.OpenAI) -> None
     assert "kitty" not in adapters(server)
 
 
-def test_lazy_load_from_the_root_by_run_and_checkpoint_name(server: str, client: openai.OpenAI) -> None:
-    assert {"cat-run", "pku-run", "pku-run/checkpoint-200"} <= {m.id for m in client.models.list()}
-    assert ANSWERS["pku-run/checkpoint-200"] in answer(client, "pku-run/checkpoint-200")
-    listed = adapters(server)["pku-run/checkpoint-200"]
-    assert listed["source"] == "root" and listed["loads"] >= 1
-    assert client.models.retrieve("pku-run/checkpoint-200").model_dump()["template"] == "qwen"
+def test_lazy_load_from_the_root_by_run_and_checkpoint_name(server: str, client: openai.OpenAI,
+                                                            demo_models: DemoModels) -> None:
+    (checkpoint,) = demo_models.adapters["pku-assistant"].glob("checkpoint-*")
+    name = f"pku-run/{checkpoint.name}"
+    assert {"cat-run", "pku-run", name} <= {m.id for m in client.models.list()}
+    assert adapters(server)[name]["state"] == "on_disk"
+    assert ANSWERS["pku-assistant"] in answer(client, name)
+    listed = adapters(server)[name]
+    assert listed["source"] == "root" and listed["loads"] == 1 and listed["state"] == "loaded"
+    assert client.models.retrieve(name).model_dump()["template"] == "qwen"
 
 
 def test_eviction_keeps_two_resident_and_every_answer_right(server: str, client: openai.OpenAI) -> None:
