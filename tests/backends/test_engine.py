@@ -168,3 +168,14 @@ async def test_loads_and_unloads_between_steps_leave_running_rows_alone(model_di
     finally:
         await backend.aclose()
     assert got == alone
+
+
+async def test_max_tokens_is_capped_by_the_context(model_dirs: dict[str, Path]) -> None:
+    backend = await _backend(model_dirs)  # max_position_embeddings=256
+    try:
+        request = _request([5, 6, 7], "a", max_tokens=10_000, ignore_eos=True)
+        deltas = [d async for d in backend.generate(request)]
+    finally:
+        await backend.aclose()
+    assert deltas[-1].finish_reason == "length"
+    assert 3 + sum(len(d.token_ids) for d in deltas) == 256
