@@ -5,8 +5,8 @@ scatter-add per adapter), so a batch over four adapters costs four times the LoR
 Here every adapted ``nn.Linear`` is wrapped once by ``LoraLinear``, which keeps *all* loaded adapters stacked in
 one tensor per factor, slot 0 being "no adapter" (zeros)::
 
-    A: [slots, rank, in_features]      B: [slots, out_features, rank]   (scaling folded into B; float32)
-    y = base(x) + bmm(bmm(x, A[rows]ᵀ), B[rows]ᵀ)      rows: slot of each batch row
+    A: [slots, in_features, rank]      B: [slots, rank, out_features]   (transposed; scaling folded into B; float32)
+    y = base(x) + bmm(bmm(x, A[rows]), B[rows])      rows: slot of each batch row
 
 so the cost does not grow with the number of distinct adapters in the batch, and a batch on the base alone skips
 the LoRA work entirely. Loading an adapter reads its file and copies it into a free slot (milliseconds); unloading
@@ -82,59 +82,85 @@ def read_adapter(name: str, path: str) -> AdapterWeights:
 
 
 class RowSlots:
-    """The slot of every row of the current forward pass, shared by all ``LoraLinear`` of one model."""
+    """The slot of every row of the current forward pass, shared by all ``LoraLinear`` of one model.
+
+    ``version`` changes whenever the rows or any adapter's weights change: a layer may keep its per-row gathered
+    factors from the previous step while it is the same (decode steps of an unchanged batch), if ``keep_gathers``.
+    """
 
     def __init__(self) -> None:
         self.rows: torch.Tensor | None = None  # None: every row is on the base
+        self.version = 0
+        self.keep_gathers = False
 
 
 class LoraLinear(torch.nn.Module):
-    """``base(x)`` plus each row's own LoRA delta (see the module docstring)."""
+    """``base(x)`` plus each row's own LoRA delta (see the module docstring).
+
+    The stacks are stored transposed, ``a: [slots, in, rank]`` and ``b: [slots, rank, out]``, so the per-row
+    gathers are contiguous and feed ``bmm`` directly.
+    """
 
     def __init__(self, base: torch.nn.Linear, slots: RowSlots) -> None:
         super().__init__()
         self.base = base
         self.slots = slots
         device = base.weight.device
-        self.a = torch.zeros((1, 0, base.in_features), dtype=torch.float32, device=device)
-        self.b = torch.zeros((1, base.out_features, 0), dtype=torch.float32, device=device)
+        self.a = torch.zeros((1, base.in_features, 0), dtype=torch.float32, device=device)
+        self.b = torch.zeros((1, 0, base.out_features), dtype=torch.float32, device=device)
+        self._gathered: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (version, a[rows], b[rows])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         rows = self.slots.rows
-        if rows is None or self.a.shape[1] == 0:
+        if rows is None or self.a.shape[2] == 0:
             return y
-        a = self.a.index_select(0, rows).transpose(1, 2)  # [batch, in, rank]
-        b = self.b.index_select(0, rows).transpose(1, 2)  # [batch, rank, out]
+        if self._gathered is not None and self._gathered[0] == self.slots.version:
+            _, a, b = self._gathered
+        else:
+            a = self.a.index_select(0, rows)  # [batch, in, rank]
+            b = self.b.index_select(0, rows)  # [batch, rank, out]
+            self._gathered = (self.slots.version, a, b) if self.slots.keep_gathers else None
         return y.add_(torch.bmm(torch.bmm(x.float(), a), b))  # y is this call's own fresh output
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row's gathered factors."""
+        return 4 * (self.a.shape[1] * self.a.shape[2] + self.b.shape[1] * self.b.shape[2])
 
     def reserve(self, slots: int, rank: int) -> None:
         """Grow the stacks to at least ``slots`` slots and ``rank`` (new room is zeros)."""
-        old_slots, old_rank = self.a.shape[0], self.a.shape[1]
+        old_slots, old_rank = self.a.shape[0], self.a.shape[2]
         if slots <= old_slots and rank <= old_rank:
             return
         slots, rank = max(slots, old_slots), max(rank, old_rank)
-        a = self.a.new_zeros((slots, rank, self.a.shape[2]))
-        b = self.b.new_zeros((slots, self.b.shape[1], rank))
-        a[:old_slots, :old_rank] = self.a
-        b[:old_slots, :, :old_rank] = self.b
+        a = self.a.new_zeros((slots, self.a.shape[1], rank))
+        b = self.b.new_zeros((slots, rank, self.b.shape[2]))
+        a[:old_slots, :, :old_rank] = self.a
+        b[:old_slots, :old_rank] = self.b
         self.a, self.b = a, b
 
     def write(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
-        """Put one adapter's factors in ``slot`` (zeros when ``None``: the adapter does not touch this layer)."""
+        """Put one adapter's factors (``a [r, in]``, ``b [out, r]``) in ``slot``; zeros when ``None``."""
         self.a[slot].zero_()
         self.b[slot].zero_()
         if a is not None and b is not None:
-            self.a[slot, : a.shape[0]] = a
-            self.b[slot, :, : b.shape[1]] = b
+            self.a[slot, :, : a.shape[0]] = a.t()
+            self.b[slot, : b.shape[1]] = b.t()
 
 
 class LoraBank:
-    """The adapters installed on ``model``, each in a slot of every adapted layer."""
+    """The adapters installed on ``model``, each in a slot of every adapted layer.
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    ``gather_budget``: most bytes of per-row gathered factors the layers may keep between steps (see ``RowSlots``);
+    larger batches gather afresh in every forward pass.
+    """
+
+    def __init__(self, model: torch.nn.Module, gather_budget: int = 128 << 20) -> None:
         self.model = model
+        self.gather_budget = gather_budget
         self._slots = RowSlots()
+        self._last: list[int] | None = None
         self._layers: dict[str, LoraLinear] = {}
         self._slot_of: dict[str, int] = {}  # adapter name -> slot (>= 1)
         self._capacity = 1
@@ -146,11 +172,17 @@ class LoraBank:
     def select(self, adapters: list[str | None]) -> None:
         """Set the adapter of every row of the next forward pass (``None``: the base)."""
         slots = [0 if a is None else self._slot_of[a] for a in adapters]
+        if slots == self._last:
+            return
+        self._last = slots
+        self._slots.version += 1
         if not any(slots):
             self._slots.rows = None
         else:
             device = next(iter(self._layers.values())).a.device
             self._slots.rows = torch.tensor(slots, dtype=torch.long, device=device)
+            row_bytes = sum(layer.row_bytes for layer in self._layers.values())
+            self._slots.keep_gathers = len(slots) * row_bytes <= self.gather_budget
 
     def install(self, weights: AdapterWeights) -> None:
         """Install (or replace) ``weights.name``. Every module is checked before anything changes."""
@@ -172,12 +204,19 @@ class LoraBank:
             pair = weights.factors.get(path)
             layer.write(slot, *(pair if pair is not None else (None, None)))
         self._slot_of[weights.name] = slot
+        self._changed()
 
     def remove(self, name: str) -> None:
         slot = self._slot_of.pop(name, None)
         if slot is not None:
             for layer in self._layers.values():
                 layer.write(slot, None, None)
+            self._changed()
+
+    def _changed(self) -> None:
+        """Weights changed: no layer may reuse factors gathered before."""
+        self._last = None
+        self._slots.version += 1
 
     def _free_slot(self) -> int:
         used = set(self._slot_of.values())

@@ -5,9 +5,12 @@ Eight requests, 32 prompt tokens each, ``max_tokens`` new tokens each (greedy, E
 
 - mixed:      the 8 at once over the 4 adapters (2 each), in one continuous batch of the native engine;
 - base batch: the same 8 at once, all on the base, same engine (the adapters stay loaded);
-- sequential: the 8 one after another through peft with ``set_adapter`` + ``generate`` (the naive way).
+- sequential: one after another through peft with ``set_adapter`` + ``generate`` (the naive way); one request per
+  adapter is timed (each runs alone, so the rate is the rate of all 8).
 
-Targets: mixed >= 90 % of the base batch, mixed >= 4x sequential. Prints a table, then ONE JSON line.
+Targets: mixed >= 90 % of the base batch, mixed >= 4x sequential. Rates are best-of-N (the CPU may be shared: noise
+only ever slows a run down); the median ratio of back-to-back mixed/base pairs is printed too. Prints a table, then
+ONE JSON line.
 Run: ``PYTHONPATH=. python -m bench.mixed_adapters [--max-tokens 32] [--layers 24]``.
 """
 
@@ -17,6 +20,7 @@ import argparse
 import asyncio
 import copy
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -85,7 +89,8 @@ def main() -> None:
         mixed: list[str | None] = [name for name in TARGETS for _ in range(2)]
         runs = asyncio.run(engine_runs(model, folders, mixed, args.max_tokens, args.repeats))
         rates = {label: max(values) for label, values in runs.items()}
-        seconds, tokens = sequential_set_adapter(peft_copy, folders, [m for m in mixed if m], args.max_tokens)
+        # One request per adapter is enough for a rate (each runs alone) and keeps the slow baseline short.
+        seconds, tokens = sequential_set_adapter(peft_copy, folders, list(TARGETS), args.max_tokens)
     sequential = tokens / seconds
     result = {
         "bench": "mixed_adapters",
@@ -98,13 +103,16 @@ def main() -> None:
         "base_batch_tok_s": round(rates["base"], 2),
         "sequential_tok_s": round(sequential, 2),
         "mixed_vs_base": round(rates["mixed"] / rates["base"], 3),
+        "mixed_vs_base_paired_median": round(statistics.median(
+            m / b for m, b in zip(runs["mixed"], runs["base"], strict=True)), 3),
         "mixed_vs_sequential": round(rates["mixed"] / sequential, 2),
         "runs_tok_s": runs,
     }
     print(f"mixed batch (8 over 4 adapters): {result['mixed_tok_s']:8.1f} tok/s")
     print(f"base-only batch (8):             {result['base_batch_tok_s']:8.1f} tok/s")
     print(f"sequential with set_adapter:     {result['sequential_tok_s']:8.1f} tok/s")
-    print(f"mixed / base  = {result['mixed_vs_base']:.3f}   (target >= 0.90)")
+    print(f"mixed / base  = {result['mixed_vs_base']:.3f} best-of, {result['mixed_vs_base_paired_median']:.3f} median "
+          "of back-to-back pairs   (target >= 0.90)")
     print(f"mixed / seq   = {result['mixed_vs_sequential']:.2f}x  (target >= 4x)")
     print(json.dumps(result))
 

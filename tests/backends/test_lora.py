@@ -68,6 +68,12 @@ def test_rows_match_peft_in_one_mixed_batch(dirs: dict[str, Path]) -> None:
     after = _logits(model, ids)
     assert torch.allclose(after[[0, 1, 3]], base[[0, 1, 3]], atol=1e-6)
     assert torch.allclose(after[2], expected[2], atol=1e-5)
+    bank.select([None, None, "b", None])
+    assert torch.equal(_logits(model, ids), after)  # same rows again: factors gathered last time are reused
+    bank.install(read_adapter("b", str(dirs["a"])))  # new weights under the same name (and slot)
+    bank.select([None, None, "b", None])
+    with_a = _logits(reference, ids, adapter_names=["__base__", "__base__", "a", "__base__"])
+    assert torch.allclose(_logits(model, ids)[2], with_a[2], atol=1e-5)
 
 
 def test_an_adapter_for_another_model_size_is_refused_and_nothing_changes(dirs: dict[str, Path]) -> None:
