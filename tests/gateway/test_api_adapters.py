@@ -199,3 +199,9 @@ def test_unload_waits_for_requests_in_flight(server: str) -> None:
             break
         time.sleep(0.1)
     assert "busy" not in adapters(server)
+
+
+def test_a_different_base_is_refused(server: str) -> None:
+    response = admin(server, "POST", "/v1/adapters", {"name": "x", "path": "cat-run", "base": "Llama-3-8B"})
+    assert response.status_code == 422 and response.json()["error"]["param"] == "base"
+    assert "x" not in adapters(server)
