@@ -126,7 +126,14 @@ class TorchBackend:
         if self.adapter_paths.get(name) == path:
             return
         weights = await anyio.to_thread.run_sync(read_adapter, name, path)
-        await self._engine.run_command(lambda: self._engine.lora.install(weights))
+
+        def install() -> None:
+            busy = self._engine.adapters_in_use().get(name, 0)
+            if busy:  # replacing weights under running rows would switch them mid-answer
+                raise Conflict(f"adapter {name!r} has {busy} requests waiting or running; it cannot be replaced now")
+            self._engine.lora.install(weights)
+
+        await self._engine.run_command(install)
         self.adapter_paths[name] = path
 
     async def unload_adapter(self, name: str) -> None:

@@ -160,6 +160,8 @@ async def test_loads_and_unloads_between_steps_leave_running_rows_alone(model_di
             await backend.unload_adapter("c")
         with pytest.raises(Conflict):
             await backend.unload_adapter("a")  # rows are using it
+        with pytest.raises(Conflict):
+            await backend.load_adapter("a", str(model_dirs["b"]))  # nor can other weights replace it
         for adapter, stream in streams.items():
             got[adapter] += [t async for d in stream for t in d.token_ids]
         await backend.unload_adapter("a")  # idle now
