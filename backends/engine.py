@@ -282,9 +282,9 @@ class Engine:
             return
         width = max(self._mask.shape[1], mask.shape[1])
         layers = []
-        for old, new in zip(self._cache.layers, cache.layers, strict=True):
-            keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)], dim=0)
-            values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)], dim=0)
+        for (old_k, old_v), (new_k, new_v) in zip(_key_values(self._cache), _key_values(cache), strict=True):
+            keys = torch.cat([_left_pad(old_k, width), _left_pad(new_k, width)], dim=0)
+            values = torch.cat([_left_pad(old_v, width), _left_pad(new_v, width)], dim=0)
             layers.append((keys, values))
         self._cache = DynamicCache(ddp_cache_data=layers)
         self._mask = torch.cat([_left_pad(self._mask, width), _left_pad(mask, width)], dim=0)
@@ -304,8 +304,8 @@ class Engine:
         # Columns that are padding for every remaining row can go.
         start = int((mask.sum(0) > 0).nonzero()[0].item())
         layers = [
-            (layer.keys.index_select(0, index)[:, :, start:], layer.values.index_select(0, index)[:, :, start:])
-            for layer in self._cache.layers
+            (keys.index_select(0, index)[:, :, start:], values.index_select(0, index)[:, :, start:])
+            for keys, values in _key_values(self._cache)
         ]
         self._cache = DynamicCache(ddp_cache_data=layers)
         self._mask = mask[:, start:]
@@ -314,6 +314,17 @@ class Engine:
 def _put_all(items: list[tuple[asyncio.Queue[Delta | GatewayError], Delta | GatewayError]]) -> None:
     for queue, item in items:
         queue.put_nowait(item)
+
+
+def _key_values(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's key and value tensors (full-attention layers; other cache layouts are not batched here)."""
+    pairs = []
+    for layer in cache.layers:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor):
+            raise TypeError(f"unsupported KV cache layer {type(layer).__name__}")
+        pairs.append((keys, values))
+    return pairs
 
 
 def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:

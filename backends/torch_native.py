@@ -77,7 +77,7 @@ class TorchBackend:
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype)
-            return model.to(torch_device).eval()
+            return model.to(torch_device).eval()  # type: ignore[arg-type]  # transformers types .to oddly
 
         model = await anyio.to_thread.run_sync(load_model)
         config = model.config

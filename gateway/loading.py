@@ -118,9 +118,9 @@ async def build_state(settings: Settings, backend: Backend | None = None) -> Gat
     except BaseException:
         await backend.aclose()
         raise
-    for adapter in pool.catalog():
-        log.info("serving adapter %s (%s, %s: %s)", adapter.name, adapter.state, adapter.template.template.name,
-                 adapter.template.source)
+    for entry in pool.catalog():
+        log.info("serving adapter %s (%s, %s: %s)", entry.name, entry.state, entry.template.template.name,
+                 entry.template.source)
     max_len = backend.capabilities.max_context or settings.max_model_len or int(tokenizer.model_max_length)
     return GatewayState(settings=settings, registry=registry, backend=backend, tokenizer=tokenizer,
                         max_model_len=max_len, adapters=pool)
