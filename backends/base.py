@@ -27,6 +27,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()  # stop strings; the gateway also enforces them across token boundaries
     stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False  # the model's end-of-sequence ids do not stop generation (stop_token_ids still do)
 
 
 @dataclass(frozen=True)

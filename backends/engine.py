@@ -1,7 +1,7 @@
 """Continuous batching on one engine thread.
 
-Every decode step runs all active sequences in one forward pass; each row carries its own LoRA adapter (peft's
-per-row ``adapter_names``), its own sampling parameters and its own stop conditions. A new sequence is prefilled
+Every decode step runs all active sequences in one forward pass; each row carries its own LoRA adapter (a slot of
+``backends.lora.LoraBank``), its own sampling parameters and its own stop conditions. A new sequence is prefilled
 between two steps and joins the batch at the next one; a finished or cancelled sequence leaves it at once.
 
 The batch's KV cache is left-padded: rows of different lengths share one ``[batch, heads, length, dim]`` tensor per
@@ -27,20 +27,26 @@ import torch
 from transformers import DynamicCache
 
 from backends.base import Delta, GenerationRequest
+from backends.lora import LoraBank
 from backends.sampling import RowSampler, choose_tokens
 from gateway.errors import BackendUnavailable, GatewayError, Overloaded
 
 log = logging.getLogger(__name__)
 
-BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in adapter_names
+BASE_ADAPTER = "__base__"  # how ``adapters_in_use`` counts rows on the base
 
 
 @dataclass(eq=False)
 class Sequence:
-    """One request's state inside the engine. ``cancelled`` may be set from any thread."""
+    """One request's state inside the engine. ``cancelled`` may be set from any thread.
+
+    The engine puts the sequence's output on ``queue`` through ``loop`` (the event loop that awaits it): every
+    ``Delta`` of one step for every row of one loop is handed over with a single ``call_soon_threadsafe``.
+    """
 
     request: GenerationRequest
-    deliver: Callable[[Delta | GatewayError], None]
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[Delta | GatewayError]
     sampler: RowSampler
     stop_token_ids: frozenset[int]
     max_total_len: int
@@ -56,6 +62,10 @@ class Sequence:
     @property
     def adapter_name(self) -> str:
         return self.request.adapter or BASE_ADAPTER
+
+    @property
+    def adapter(self) -> str | None:
+        return self.request.adapter
 
 
 @dataclass
@@ -81,7 +91,7 @@ class Engine:
         self.pad_token_id = pad_token_id
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
-        self.uses_adapters = False  # set once the model is a PeftModel: then every forward passes adapter_names
+        self.lora = LoraBank(model)  # touched only on the engine thread (commands, steps)
         self._waiting: deque[Sequence] = deque()
         self._commands: deque[_Command] = deque()
         self._cond = threading.Condition()
@@ -89,6 +99,7 @@ class Engine:
         self._rows: list[Sequence] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None
+        self._outbox: list[tuple[Sequence, Delta | GatewayError]] = []  # this step's output, handed over at its end
         self._thread = threading.Thread(target=self._loop, name="lora-gateway-engine", daemon=True)
         self._thread.start()
 
@@ -151,25 +162,45 @@ class Engine:
                     break
                 commands = list(self._commands)
                 self._commands.clear()
+            for command in commands:  # before taking joiners: a command sees every request not yet running
+                self._run_command(command)
+            with self._cond:
                 room = self.max_batch_size - len(self._rows)
                 joining = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
-            for command in commands:
-                self._run_command(command)
             try:
                 with torch.inference_mode():
                     self._drop_rows([s for s in self._rows if s.cancelled])
                     joining = [s for s in joining if not s.cancelled]
                     if joining:
                         self._prefill(joining)
+                        self._flush()  # first tokens go out now, not after the next decode step (TTFT)
                     if self._rows:
                         self._decode()
             except Exception as exc:  # a failed forward must not kill the engine: fail the batch, keep serving
                 log.exception("engine step failed")
                 error = BackendUnavailable(f"the inference engine failed: {type(exc).__name__}")
                 for seq in [*self._rows, *joining]:
-                    seq.deliver(error)
+                    self._post(seq, error)
                 self._rows, self._cache, self._mask = [], None, None
+            self._flush()
         self._fail_all(BackendUnavailable("the engine stopped"))
+
+    def _post(self, seq: Sequence, item: Delta | GatewayError) -> None:
+        self._outbox.append((seq, item))
+
+    def _flush(self) -> None:
+        """Hand this step's output to the event loops: one ``call_soon_threadsafe`` per loop, not per row."""
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Delta | GatewayError], Any]]] = {}
+        for seq, item in self._outbox:
+            by_loop.setdefault(seq.loop, []).append((seq.queue, item))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that loop is closed: nobody is listening any more
+                pass
 
     def _run_command(self, command: _Command) -> None:
         if not command.future.set_running_or_notify_cancel():
@@ -186,14 +217,15 @@ class Engine:
             commands = list(self._commands)
             self._commands.clear()
         for seq in pending:
-            seq.deliver(error)
+            self._post(seq, error)
+        self._flush()
         for command in commands:
             command.future.set_exception(error)
         self._rows, self._cache, self._mask = [], None, None
 
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
-                 adapters: list[str]) -> torch.Tensor:
-        kwargs: dict[str, Any] = {"adapter_names": adapters} if self.uses_adapters else {}
+                 adapters: list[str | None]) -> torch.Tensor:
+        self.lora.select(adapters)
         out = self.model(
             input_ids=input_ids,
             attention_mask=mask,
@@ -201,7 +233,6 @@ class Engine:
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
-            **kwargs,
         )
         return out.logits[:, -1, :]
 
@@ -216,7 +247,7 @@ class Engine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
-        logits = self._forward(ids, mask, positions, cache, [s.adapter_name for s in joining])
+        logits = self._forward(ids, mask, positions, cache, [s.adapter for s in joining])
         self._join(joining, cache, mask)
         self._accept(joining, choose_tokens(logits, [s.sampler for s in joining]))
 
@@ -226,7 +257,7 @@ class Engine:
         ids = torch.tensor([[s.next_token] for s in rows], dtype=torch.long, device=self.device)
         positions = torch.tensor([[s.position] for s in rows], dtype=torch.long, device=self.device)
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
-        logits = self._forward(ids, self._mask, positions, self._cache, [s.adapter_name for s in rows])
+        logits = self._forward(ids, self._mask, positions, self._cache, [s.adapter for s in rows])
         self._accept(rows, choose_tokens(logits, [s.sampler for s in rows]))
 
     def _accept(self, rows: list[Sequence], tokens: list[int]) -> None:
@@ -236,13 +267,13 @@ class Engine:
             seq.position += 1
             seq.next_token = token
             if token in seq.stop_token_ids:
-                seq.deliver(Delta(finish_reason="stop", completion_tokens=seq.generated))
+                self._post(seq, Delta(finish_reason="stop", completion_tokens=seq.generated))
                 finished.append(seq)
             elif seq.generated >= seq.request.sampling.max_tokens or seq.position + 1 >= seq.max_total_len:
-                seq.deliver(Delta(token_ids=(token,), finish_reason="length", completion_tokens=seq.generated))
+                self._post(seq, Delta(token_ids=(token,), finish_reason="length", completion_tokens=seq.generated))
                 finished.append(seq)
             else:
-                seq.deliver(Delta(token_ids=(token,)))
+                self._post(seq, Delta(token_ids=(token,)))
         self._drop_rows(finished)
 
     def _join(self, joining: list[Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
@@ -251,9 +282,9 @@ class Engine:
             return
         width = max(self._mask.shape[1], mask.shape[1])
         layers = []
-        for old, new in zip(self._cache.layers, cache.layers, strict=True):
-            keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)], dim=0)
-            values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)], dim=0)
+        for (old_k, old_v), (new_k, new_v) in zip(_key_values(self._cache), _key_values(cache), strict=True):
+            keys = torch.cat([_left_pad(old_k, width), _left_pad(new_k, width)], dim=0)
+            values = torch.cat([_left_pad(old_v, width), _left_pad(new_v, width)], dim=0)
             layers.append((keys, values))
         self._cache = DynamicCache(ddp_cache_data=layers)
         self._mask = torch.cat([_left_pad(self._mask, width), _left_pad(mask, width)], dim=0)
@@ -273,11 +304,27 @@ class Engine:
         # Columns that are padding for every remaining row can go.
         start = int((mask.sum(0) > 0).nonzero()[0].item())
         layers = [
-            (layer.keys.index_select(0, index)[:, :, start:], layer.values.index_select(0, index)[:, :, start:])
-            for layer in self._cache.layers
+            (keys.index_select(0, index)[:, :, start:], values.index_select(0, index)[:, :, start:])
+            for keys, values in _key_values(self._cache)
         ]
         self._cache = DynamicCache(ddp_cache_data=layers)
         self._mask = mask[:, start:]
+
+
+def _put_all(items: list[tuple[asyncio.Queue[Delta | GatewayError], Delta | GatewayError]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
+def _key_values(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's key and value tensors (full-attention layers; other cache layouts are not batched here)."""
+    pairs = []
+    for layer in cache.layers:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor):
+            raise TypeError(f"unsupported KV cache layer {type(layer).__name__}")
+        pairs.append((keys, values))
+    return pairs
 
 
 def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:

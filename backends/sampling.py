@@ -45,7 +45,9 @@ class RowSampler:
 
 
 def choose_tokens(logits: torch.Tensor, samplers: list[RowSampler]) -> list[int]:
-    """Next token for every row; greedy rows are done in one argmax."""
+    """Next token for every row; greedy rows are done in one argmax (and only that, when all rows are greedy)."""
+    if all(s.generator is None for s in samplers):
+        return torch.argmax(logits, dim=-1).tolist()  # argmax is exact in any float dtype: no float32 copy
     logits = logits.float()
     greedy = torch.argmax(logits, dim=-1).tolist()
     return [greedy[i] if s.generator is None else s.choose(logits[i]) for i, s in enumerate(samplers)]

@@ -13,8 +13,9 @@ import torch
 
 from backends.base import Capabilities, Delta, GenerationRequest, Health
 from backends.engine import Engine, Sequence
+from backends.lora import read_adapter
 from backends.sampling import RowSampler
-from gateway.errors import AdapterLoadError, BackendUnavailable, GatewayError, InvalidRequest
+from gateway.errors import BackendUnavailable, Conflict, GatewayError, InvalidRequest
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class TorchBackend:
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype)
-            return model.to(torch_device).eval()
+            return model.to(torch_device).eval()  # type: ignore[arg-type]  # transformers types .to oddly
 
         model = await anyio.to_thread.run_sync(load_model)
         config = model.config
@@ -95,17 +96,14 @@ class TorchBackend:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         if request.adapter is not None and request.adapter not in self.adapter_paths:
             raise InvalidRequest(f"adapter {request.adapter!r} is not loaded")
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Delta | GatewayError] = asyncio.Queue()
-
-        def deliver(item: Delta | GatewayError) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
+        eos = frozenset() if request.sampling.ignore_eos else self.eos_token_ids
         sequence = Sequence(
             request=request,
-            deliver=deliver,
+            loop=asyncio.get_running_loop(),
+            queue=queue,
             sampler=RowSampler.create(request.sampling, self.device),
-            stop_token_ids=self.eos_token_ids | frozenset(request.sampling.stop_token_ids),
+            stop_token_ids=eos | frozenset(request.sampling.stop_token_ids),
             max_total_len=self.max_model_len,
         )
         self._engine.submit(sequence)
@@ -124,38 +122,31 @@ class TorchBackend:
     # --- adapters -----------------------------------------------------------------------------------------------
 
     async def load_adapter(self, name: str, path: str) -> None:
+        """Read and check the files on a worker thread, then install between two engine steps (milliseconds)."""
         if self.adapter_paths.get(name) == path:
             return
+        weights = await anyio.to_thread.run_sync(read_adapter, name, path)
 
-        def load() -> None:
-            from peft import PeftModel
+        def install() -> None:
+            busy = self._engine.adapters_in_use().get(name, 0)
+            if busy:  # replacing weights under running rows would switch them mid-answer
+                raise Conflict(f"adapter {name!r} has {busy} requests waiting or running; it cannot be replaced now")
+            self._engine.lora.install(weights)
 
-            model = self._engine.model
-            try:
-                if isinstance(model, PeftModel):
-                    if name in model.peft_config:
-                        model.delete_adapter(name)
-                    model.load_adapter(path, adapter_name=name, autocast_adapter_dtype=False)
-                else:
-                    model = PeftModel.from_pretrained(model, path, adapter_name=name, autocast_adapter_dtype=False)
-                    self._engine.model = model.eval()
-                    self._engine.uses_adapters = True
-            except GatewayError:
-                raise
-            except Exception as exc:  # peft raises many types for a folder that does not fit
-                raise AdapterLoadError(f"cannot load adapter {name!r} from {path}: {exc}") from exc
-
-        await self._engine.run_command(load)
+        await self._engine.run_command(install)
         self.adapter_paths[name] = path
 
     async def unload_adapter(self, name: str) -> None:
         if name not in self.adapter_paths:
             return
 
-        def unload() -> None:
-            self._engine.model.delete_adapter(name)
+        def remove() -> None:
+            busy = self._engine.adapters_in_use().get(name, 0)
+            if busy:  # the gateway's AdapterPool never asks this; other callers get a refusal, not wrong rows
+                raise Conflict(f"adapter {name!r} has {busy} requests waiting or running")
+            self._engine.lora.remove(name)
 
-        await self._engine.run_command(unload)
+        await self._engine.run_command(remove)
         del self.adapter_paths[name]
 
     # --- lifecycle ----------------------------------------------------------------------------------------------

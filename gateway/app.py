@@ -11,7 +11,7 @@ from backends.base import Backend
 from gateway import __version__
 from gateway.errors import install_error_handlers
 from gateway.loading import build_state
-from gateway.routes import admin, chat, completions, models
+from gateway.routes import adapters, admin, chat, completions, models
 from gateway.settings import Settings
 
 
@@ -29,6 +29,6 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
 
     app = FastAPI(title="lora-gateway", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
-    for module in (chat, completions, models, admin):
+    for module in (chat, completions, models, adapters, admin):
         app.include_router(module.router)
     return app

@@ -71,6 +71,13 @@ def serve(
     port: Annotated[Optional[int], typer.Option(help=_help("port"))] = None,  # noqa: UP045
     api_key: Annotated[Optional[str], typer.Option(help=_help("api_key"))] = None,  # noqa: UP045
     demo: Annotated[bool, typer.Option("--demo", help=_help("demo"))] = False,
+    adapter_root: Annotated[list[str], typer.Option(help=_help("adapter_roots") + " (repeatable)")] = [],  # noqa: B006
+    max_adapters: Annotated[Optional[int], typer.Option(help=_help("max_adapters"))] = None,  # noqa: UP045
+    pin: Annotated[list[str], typer.Option(help=_help("pins") + " (repeatable)")] = [],  # noqa: B006
+    allow_unsafe_adapters: Annotated[
+        bool, typer.Option("--allow-unsafe-adapters", help=_help("allow_unsafe_adapters"))
+    ] = False,
+    admin_key: Annotated[Optional[str], typer.Option(help=_help("admin_key"))] = None,  # noqa: UP045
     config: Annotated[Optional[Path], typer.Option(help="YAML file with settings (flags win).")] = None,  # noqa: UP045
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "info",
 ) -> None:
@@ -100,6 +107,11 @@ def serve(
             port=port,
             api_key=api_key,
             demo=demo or None,
+            adapter_roots=tuple(adapter_root) or None,
+            max_adapters=max_adapters,
+            pins=tuple(pin) or None,
+            allow_unsafe_adapters=allow_unsafe_adapters or None,
+            admin_key=admin_key,
         )
     except SettingsError as exc:
         raise typer.BadParameter(str(exc)) from None

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from backends.base import GenerationRequest, SamplingParams
+from gateway.adapters import Lease
 from gateway.errors import InvalidRequest
 from gateway.protocol.common import SamplingFields
 from gateway.registry import Target
@@ -64,6 +65,7 @@ def sampling_params(body: SamplingFields, max_tokens: int, stop: Sequence[str], 
         seed=seed,
         stop=tuple(stop),
         stop_token_ids=tuple(stop_token_ids),
+        ignore_eos=body.ignore_eos,
     )
 
 
@@ -129,7 +131,27 @@ async def merge_streams(streams: list[AsyncIterator[TextPiece]]) -> AsyncIterato
 
 
 async def prepend(first: T, rest: AsyncIterator[T]) -> AsyncIterator[T]:
-    """``first`` followed by the rest: for streams whose first item was awaited before the response started."""
-    yield first
-    async for item in rest:
-        yield item
+    """``first`` followed by the rest: for streams whose first item was awaited before the response started.
+
+    Closing this stream closes ``rest`` at once (a client that hangs up frees its engine rows in the next step).
+    """
+    try:
+        yield first
+        async for item in rest:
+            yield item
+    finally:
+        aclose = getattr(rest, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def held(lease: Lease, stream: AsyncIterator[T]) -> AsyncIterator[T]:
+    """``stream``, holding ``lease`` (the adapter stays loaded) until the stream ends or is closed."""
+    try:
+        async for item in stream:
+            yield item
+    finally:
+        lease.release()
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()

@@ -9,10 +9,13 @@ from typing import Any
 import anyio
 
 from backends.base import Backend
+from gateway.adapter_files import BaseShapes
+from gateway.adapters import AdapterPool
+from gateway.errors import AdapterLoadError
 from gateway.registry import Registry
 from gateway.settings import AdapterConfig, Settings, SettingsError
 from gateway.state import GatewayState
-from gateway.templates import TemplateNotFound, TemplateResolutionError, resolve_template
+from gateway.templates import ResolvedTemplate, TemplateNotFound, TemplateResolutionError, resolve_template
 
 log = logging.getLogger(__name__)
 
@@ -110,17 +113,35 @@ async def build_state(settings: Settings, backend: Backend | None = None) -> Gat
         if not Path(adapter.path).is_dir():
             raise SettingsError(f"--adapter {adapter.name}={adapter.path}: no such folder")
     templates = {a.name: _resolve(a.template, Path(a.path), settings, model_dir) for a in settings.adapters}
+    roots = tuple(Path(root) for root in settings.adapter_roots)
+    for root in roots:
+        if not root.is_dir():
+            raise SettingsError(f"--adapter-root {root}: no such folder")
+    shapes = await anyio.to_thread.run_sync(BaseShapes.read, model_dir if local else None)
+
+    def runtime_template(folder: Path, explicit: str | None) -> ResolvedTemplate:
+        try:
+            return resolve_template(explicit=explicit, adapter_dir=folder, base_template=settings.template,
+                                    base_dir=model_dir if local else None)
+        except (TemplateNotFound, TemplateResolutionError) as exc:
+            raise AdapterLoadError(str(exc), param="template") from exc
 
     backend = backend or await create_backend(settings, model_dir, tokenizer)
+    pool = AdapterPool(backend, registry, roots=roots, shapes=shapes,
+                       base_names=(base_name, settings.model, model_dir.name), max_adapters=settings.max_adapters,
+                       pins=settings.pins, allow_unsafe=settings.allow_unsafe_adapters,
+                       resolve_template=runtime_template)
     try:
-        for adapter in settings.adapters:
-            await backend.load_adapter(adapter.name, adapter.path)
-            registry.add_adapter(adapter.name, adapter.path, templates[adapter.name])
-            log.info("serving adapter %s (%s: %s)", adapter.name, templates[adapter.name].template.name,
-                     templates[adapter.name].source)
+        await pool.start([(a.name, Path(a.path), templates[a.name]) for a in settings.adapters])
+    except AdapterLoadError as exc:
+        await backend.aclose()
+        raise SettingsError(exc.message) from exc
     except BaseException:
         await backend.aclose()
         raise
+    for entry in pool.catalog():
+        log.info("serving adapter %s (%s, %s: %s)", entry.name, entry.state, entry.template.template.name,
+                 entry.template.source)
     max_len = backend.capabilities.max_context or settings.max_model_len or int(tokenizer.model_max_length)
     return GatewayState(settings=settings, registry=registry, backend=backend, tokenizer=tokenizer,
-                        max_model_len=max_len)
+                        max_model_len=max_len, adapters=pool)

@@ -62,6 +62,16 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
     api_key: str | None = Field(None, description="If set, clients must send `Authorization: Bearer <key>`.")
     demo: bool = Field(False, description="Serve the demo models (built locally on first use).")
+    adapter_roots: tuple[str, ...] = Field((), description=(
+        "Folder of LoRA run folders: a request for `model=RUN` or `model=RUN/checkpoint-N` under it loads that "
+        "adapter on first use. When set, adapters load only from inside these folders."))
+    max_adapters: int | None = Field(None, ge=1, description=(
+        "Most adapters resident at once; the least recently used idle one is evicted (default: no limit)."))
+    pins: tuple[str, ...] = Field((), description="Adapter names that stay resident, never evicted.")
+    allow_unsafe_adapters: bool = Field(False, description=(
+        "Also load pickle weights (adapter_model.bin); by default only safetensors are loaded."))
+    admin_key: str | None = Field(None, description=(
+        "If set, the adapter admin endpoints require `Authorization: Bearer <admin key>`."))
 
     @field_validator("adapters", mode="after")
     @classmethod
@@ -107,6 +117,9 @@ class Settings(BaseSettings):
             raise SettingsError(f"setting {where!r}: {first['msg']}") from exc
         if settings.model is None and not settings.demo:
             raise SettingsError("no model to serve: give --model DIR (or --demo to serve the demo models)")
+        if settings.max_adapters is not None and len(settings.pins) > settings.max_adapters:
+            raise SettingsError(f"--pin names {len(settings.pins)} adapters but --max-adapters is "
+                                f"{settings.max_adapters}: pinned adapters must fit")
         if settings.backend != "torch" and not settings.upstream:
             raise SettingsError(f"--backend {settings.backend} needs at least one --upstream URL")
         return settings

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backends.base import Backend
+from gateway.adapters import AdapterPool
 from gateway.registry import Registry
 from gateway.settings import Settings
 
@@ -17,4 +18,5 @@ class GatewayState:
     backend: Backend
     tokenizer: Any  # a transformers tokenizer
     max_model_len: int
+    adapters: AdapterPool
     unknown_fields_seen: set[str] = field(default_factory=set)

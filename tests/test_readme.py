@@ -61,6 +61,13 @@ def test_sdk_examples(demo_server: str) -> None:
     assert "get_weather" in lines[2] and "北京" in lines[2]
 
 
+def test_adapter_api_example(demo_server: str) -> None:
+    (block,) = [b for b in _blocks("python") if "/v1/adapters" in b]
+    lines = _run_python(_local(block, demo_server))
+    assert "'pku-assistant': 'loaded'" in lines[0]
+    assert "北大人工智能助手" in lines[1]
+
+
 def test_quick_start_commands_are_what_ci_runs() -> None:
     ci = (Path(__file__).parents[1] / ".ci" / "run").read_text(encoding="utf-8")
     assert "gateway serve --demo" in README

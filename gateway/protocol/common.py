@@ -34,6 +34,8 @@ class SamplingFields(OpenAIModel):
 
     # --- lora-gateway extensions -------------------------------------------------------------------------------
     top_k: int | None = Field(None, ge=0, description="Sample from the k most likely tokens only (0: all).")
+    ignore_eos: bool = Field(False, description="vLLM's extension: keep generating past the end-of-sequence token "
+                                                "(stop strings still apply); for benchmarks.")
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

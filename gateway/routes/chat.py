@@ -13,6 +13,7 @@ from gateway.generation import (
     PreparedPrompt,
     choice_streams,
     completion_budget,
+    held,
     merge_streams,
     new_id,
     note_unknown_fields,
@@ -72,7 +73,7 @@ def _parser(target: Target, body: ChatCompletionRequest) -> OutputParser:
 @router.post("/v1/chat/render")
 async def render_chat_prompt(body: ChatCompletionRequest, state: GatewayState = Depends(gateway_state)) -> RenderedChat:
     """The exact prompt (text and token ids) ``body.model`` would receive, and why that template."""
-    target = state.registry.resolve(body.model)
+    target = state.adapters.resolve(body.model)  # no need to load the adapter to render its prompt
     prompt = render_chat(state, target, body)
     return RenderedChat(model=target.name, template=target.template.name, template_source=target.template_source,
                         prompt=prompt.text, token_ids=list(prompt.token_ids), stop=list(prompt.stop))
@@ -83,18 +84,27 @@ async def create_chat_completion(
     body: ChatCompletionRequest, state: GatewayState = Depends(gateway_state)
 ) -> JSONResponse | Any:
     note_unknown_fields(state, body)
-    target = state.registry.resolve(body.model)
-    prompt = render_chat(state, target, body)
-    max_tokens = completion_budget(state, len(prompt.token_ids), body.completion_budget())
-    streams = choice_streams(state, target, prompt, body, body.n, max_tokens)
-    completion_id = new_id("chatcmpl")
-    parsers = [_parser(target, body) for _ in range(body.n)]
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = _stream_chunks(completion_id, body.model, len(prompt.token_ids), streams, parsers, include_usage)
-        first = await anext(chunks)  # errors before the first token (queue full, upstream down) keep their status
-        return sse_response(prepend(first, chunks))
-    return await _complete(completion_id, body.model, len(prompt.token_ids), streams, parsers)
+    lease = await state.adapters.acquire(body.model)
+    try:
+        target = lease.target
+        prompt = render_chat(state, target, body)
+        max_tokens = completion_budget(state, len(prompt.token_ids), body.completion_budget())
+        streams = choice_streams(state, target, prompt, body, body.n, max_tokens)
+        completion_id = new_id("chatcmpl")
+        parsers = [_parser(target, body) for _ in range(body.n)]
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            chunks = held(lease, _stream_chunks(completion_id, body.model, len(prompt.token_ids), streams, parsers,
+                                                include_usage))
+            first = await anext(chunks)  # errors before the first token (queue full, upstream down) keep their status
+            return sse_response(prepend(first, chunks))
+        return await _complete(completion_id, body.model, len(prompt.token_ids), streams, parsers)
+    except BaseException:
+        lease.release()
+        raise
+    finally:
+        if not body.stream:
+            lease.release()
 
 
 def _tool_calls(parsed: ParsedDelta) -> list[ToolCallBody] | None:

@@ -13,6 +13,7 @@ from gateway.generation import (
     PreparedPrompt,
     choice_streams,
     completion_budget,
+    held,
     merge_streams,
     new_id,
     note_unknown_fields,
@@ -46,17 +47,30 @@ def prepare_text(state: GatewayState, body: CompletionRequest) -> PreparedPrompt
 @router.post("/v1/completions", response_model=None)
 async def create_completion(body: CompletionRequest, state: GatewayState = Depends(gateway_state)) -> Any:
     note_unknown_fields(state, body)
-    target = state.registry.resolve(body.model)
-    prompt = prepare_text(state, body)
-    max_tokens = completion_budget(state, len(prompt.token_ids), body.max_tokens)
-    streams = choice_streams(state, target, prompt, body, body.n, max_tokens)
-    completion_id = new_id("cmpl")
-    echo = prompt.text if body.echo else ""
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = _stream(completion_id, body.model, len(prompt.token_ids), streams, echo, include_usage)
-        first = await anext(chunks)
-        return sse_response(prepend(first, chunks))
+    lease = await state.adapters.acquire(body.model)
+    try:
+        prompt = prepare_text(state, body)
+        max_tokens = completion_budget(state, len(prompt.token_ids), body.max_tokens)
+        streams = choice_streams(state, lease.target, prompt, body, body.n, max_tokens)
+        completion_id = new_id("cmpl")
+        echo = prompt.text if body.echo else ""
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            chunks = held(lease, _stream(completion_id, body.model, len(prompt.token_ids), streams, echo,
+                                         include_usage))
+            first = await anext(chunks)
+            return sse_response(prepend(first, chunks))
+        return await _complete(completion_id, body.model, len(prompt.token_ids), streams, echo)
+    except BaseException:
+        lease.release()
+        raise
+    finally:
+        if not body.stream:
+            lease.release()
+
+
+async def _complete(completion_id: str, model: str, n_prompt: int, streams: list[AsyncIterator[TextPiece]],
+                    echo: str) -> Completion:
     texts = [echo] * len(streams)
     finish: list[Any] = [None] * len(streams)
     completion_tokens = 0
@@ -65,10 +79,9 @@ async def create_completion(body: CompletionRequest, state: GatewayState = Depen
         if piece.finish_reason is not None:
             finish[index] = piece.finish_reason
             completion_tokens += piece.completion_tokens or 0
-    n_prompt = len(prompt.token_ids)
     return Completion(
         id=completion_id,
-        model=body.model,
+        model=model,
         choices=[CompletionChoice(index=i, text=texts[i], finish_reason=finish[i]) for i in range(len(streams))],
         usage=Usage(prompt_tokens=n_prompt, completion_tokens=completion_tokens,
                     total_tokens=n_prompt + completion_tokens),

@@ -26,9 +26,12 @@ def describe(target: Target, state: GatewayState) -> Model:
 
 @router.get("/v1/models")
 async def list_models(state: GatewayState = Depends(gateway_state)) -> ModelList:
-    return ModelList(data=[describe(t, state) for t in state.registry])
+    return ModelList(data=[describe(t, state) for t in state.adapters.targets()])
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, state: GatewayState = Depends(gateway_state)) -> Model:
-    return describe(state.registry.resolve(model_id), state)
+    for target in state.adapters.targets():
+        if target.name == model_id:
+            return describe(target, state)
+    return describe(state.registry.resolve(model_id), state)  # raises ModelNotFound

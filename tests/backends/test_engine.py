@@ -12,7 +12,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from backends.base import GenerationRequest, SamplingParams
 from backends.torch_native import TorchBackend
-from gateway.errors import Overloaded
+from gateway.errors import Conflict, InvalidRequest, Overloaded
 
 VOCAB = 256
 
@@ -145,3 +145,39 @@ async def test_length_and_stop_token(model_dirs: dict[str, Path]) -> None:
         await backend.aclose()
     assert stopped == free[: free.index(stop_id)]
     assert finishes[-1] == "stop"
+
+
+async def test_loads_and_unloads_between_steps_leave_running_rows_alone(model_dirs: dict[str, Path]) -> None:
+    backend = await _backend(model_dirs)
+    try:
+        alone = {a: await _collect(backend, _request([5, 6, 7, 8], a, max_tokens=200)) for a in ("a", None)}
+        streams = {a: backend.generate(_request([5, 6, 7, 8], a, max_tokens=200)) for a in ("a", None)}
+        got: dict[str | None, list[int]] = {a: list((await anext(s)).token_ids) for a, s in streams.items()}
+        for _ in range(3):  # churn other slots while both rows decode
+            await backend.unload_adapter("b")
+            await backend.load_adapter("b", str(model_dirs["b"]))
+            await backend.load_adapter("c", str(model_dirs["a"]))
+            await backend.unload_adapter("c")
+        with pytest.raises(Conflict):
+            await backend.unload_adapter("a")  # rows are using it
+        with pytest.raises(Conflict):
+            await backend.load_adapter("a", str(model_dirs["b"]))  # nor can other weights replace it
+        for adapter, stream in streams.items():
+            got[adapter] += [t async for d in stream for t in d.token_ids]
+        await backend.unload_adapter("a")  # idle now
+        with pytest.raises(InvalidRequest):
+            await _collect(backend, _request([5, 6], "a"))
+    finally:
+        await backend.aclose()
+    assert got == alone
+
+
+async def test_max_tokens_is_capped_by_the_context(model_dirs: dict[str, Path]) -> None:
+    backend = await _backend(model_dirs)  # max_position_embeddings=256
+    try:
+        request = _request([5, 6, 7], "a", max_tokens=10_000, ignore_eos=True)
+        deltas = [d async for d in backend.generate(request)]
+    finally:
+        await backend.aclose()
+    assert deltas[-1].finish_reason == "length"
+    assert 3 + sum(len(d.token_ids) for d in deltas) == 256

@@ -60,3 +60,24 @@ def test_missing_torch_npu_is_explained() -> None:
             pick_device("npu")
     else:  # pragma: no cover - only on Ascend machines
         pytest.skip("torch-npu is installed here")
+
+
+def test_adapter_lifecycle_flags_are_documented_settings() -> None:
+    result = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})
+    for flag in ("--adapter-root", "--max-adapters", "--pin", "--allow-unsafe-adapters", "--admin-key"):
+        assert flag in result.output
+    assert "least recently used" in result.output  # the Field description is the help text
+
+
+def test_more_pins_than_adapter_slots_is_a_usage_error() -> None:
+    result = runner.invoke(app, ["serve", "--demo", "--max-adapters", "1", "--pin", "a", "--pin", "b"],
+                           env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and "pinned adapters must fit" in result.output
+
+
+def test_adapter_lifecycle_settings_from_the_environment(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("GATEWAY_MAX_ADAPTERS", "3")
+    monkeypatch.setenv("GATEWAY_ADMIN_KEY", "k")
+    settings = Settings.load(None, model="/m", adapter_roots=("/r1", "/r2"), pins=("p",))
+    assert (settings.max_adapters, settings.admin_key, settings.adapter_roots, settings.pins) == (
+        3, "k", ("/r1", "/r2"), ("p",))
