@@ -6,7 +6,7 @@ Protocol facts (LMDeploy's ``/v1/completions``, ``lmdeploy/serve/openai``):
   first, then the adapter names (no ``parent`` field). Adapters are fixed at server start: no runtime loading.
 * ``prompt`` is a string, or a *list of prompts* (a batch) -- not a list of token ids -- so we send the rendered
   text, and ``/v1/completions`` never applies a chat template to it (``do_preprocess=False``).
-* Extensions we set: ``top_k`` (its default is 40; 0 is accepted and means no top-k) and
+* Extensions we set: ``ignore_eos``, ``top_k`` (its default is 40; 0 is accepted and means no top-k) and
   ``skip_special_tokens: false``, so a special stop word (``<|eot_id|>``...) reaches the gateway as text and its
   stop matching sees it. ``stop`` is honoured, but LMDeploy turns each stop word into the ids of every token
   *containing* it, so it may stop a little earlier than the gateway would for multi-character plain-text stops;
@@ -35,6 +35,7 @@ class LMDeployBackend(CompletionsBackend):
             **sampling_fields(request),
             "top_k": request.sampling.top_k,
             "skip_special_tokens": False,
+            "ignore_eos": request.sampling.ignore_eos,
             "stream": True,
             "stream_options": {"include_usage": True},
         }

@@ -8,6 +8,7 @@ Protocol facts (Ollama's API docs, docs/api.md and docs/api/errors.mdx):
   ``prompt_eval_count`` and ``eval_count``. An error after the stream started is a line ``{"error": "..."}``;
   before, a JSON ``{"error": "..."}`` with a 4xx/5xx status (404: unknown model).
 * Sampling goes in ``options``: ``num_predict``, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``.
+  Ollama has no ``ignore_eos``: such a request is refused rather than silently answered differently.
 * An adapter is its own Ollama model: ``POST /api/create {"model", "from": <base>, "adapters": {file: digest}}``
   after uploading each file with ``POST /api/blobs/sha256:<digest>`` (``HEAD`` answers 200 when it is there).
   ``DELETE /api/delete {"model"}`` removes it. ``GET /api/tags`` lists models (we use it for health too).
@@ -25,7 +26,7 @@ from typing import Any
 from backends.base import Capabilities, Delta, FinishReason, GenerationRequest, Health
 from backends.upstream_errors import error_from_event, map_adapter_error_response, map_error_response
 from backends.upstream_pool import UpstreamPool
-from gateway.errors import AdapterLoadError, GatewayError, ModelNotFound, UpstreamError
+from gateway.errors import AdapterLoadError, GatewayError, InvalidRequest, ModelNotFound, UpstreamError
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 _DONE: dict[str, FinishReason] = {"stop": "stop", "length": "length"}
@@ -141,6 +142,8 @@ class OllamaBackend:
 
     def build_payload(self, request: GenerationRequest) -> dict[str, Any]:
         s = request.sampling
+        if s.ignore_eos:
+            raise InvalidRequest("the Ollama backend cannot ignore the end-of-sequence token", param="ignore_eos")
         options: dict[str, Any] = {
             "num_predict": s.max_tokens,
             "temperature": s.temperature,

@@ -1,7 +1,8 @@
 """Any OpenAI-compatible server with ``/v1/completions`` (``--backend openai``): llama.cpp's server, SGLang, TGI...
 
-Only standard OpenAI fields are sent. The prompt is the rendered text unless ``token_prompt=True`` (the OpenAI
-spec allows a list of token ids as ``prompt``; servers that honour it then see exactly the gateway's ids).
+Only standard OpenAI fields are sent (``ignore_eos`` is not one: such a request is refused). The prompt is
+the rendered text unless ``token_prompt=True`` (the OpenAI spec allows a list of token ids as ``prompt``;
+servers that honour it then see exactly the gateway's ids).
 Adapters must already be served under some model name: map them with ``served_adapters``.
 """
 
@@ -13,6 +14,7 @@ from typing import Any
 from backends.base import Capabilities, GenerationRequest
 from backends.completions import CompletionsBackend, sampling_fields
 from backends.upstream_pool import UpstreamPool
+from gateway.errors import InvalidRequest
 
 
 class OpenAICompatBackend(CompletionsBackend):
@@ -32,6 +34,8 @@ class OpenAICompatBackend(CompletionsBackend):
         self.capabilities = Capabilities(runtime_adapters=False, token_ids_in=token_prompt, token_ids_out=False)
 
     def build_payload(self, request: GenerationRequest) -> dict[str, Any]:
+        if request.sampling.ignore_eos:
+            raise InvalidRequest("this OpenAI-compatible upstream cannot ignore end-of-sequence", param="ignore_eos")
         prompt: Any = list(request.prompt_token_ids) if self.token_prompt else request.prompt_text
         return {
             "model": self.model_for(request.adapter),

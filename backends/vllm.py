@@ -6,7 +6,7 @@ vLLM facts this relies on (checked against vLLM 0.32's OpenAI server):
   gateway rendered with the training template.
 * ``return_token_ids: true`` adds the generated ``token_ids`` to every stream chunk and the ``prompt_token_ids``
   to the first one. We use the first to check that vLLM received our ids unchanged.
-* ``stop_token_ids`` and ``top_k`` are vLLM extensions; ``top_k`` is sent only when enabled.
+* ``stop_token_ids``, ``top_k`` and ``ignore_eos`` are vLLM extensions; each is sent only when set.
 * Errors: ``{"error": {"message", "type", "param", "code": <int>}}`` (older: flat ``{"object": "error", ...}``).
 * LoRAs: ``--enable-lora --lora-modules name=path`` at start, listed by ``/v1/models`` with ``parent``/``root``;
   with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` also ``POST /v1/load_lora_adapter {"lora_name", "lora_path"}``
@@ -63,6 +63,8 @@ class VLLMBackend(CompletionsBackend):
             body["top_k"] = s.top_k
         if s.stop_token_ids:
             body["stop_token_ids"] = list(s.stop_token_ids)
+        if s.ignore_eos:
+            body["ignore_eos"] = True
         return body
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:

@@ -26,10 +26,10 @@ from gateway.routes.deps import gateway_state, require_api_key
 from gateway.state import GatewayState
 
 
-def require_admin_key(request: Request) -> None:
-    expected = gateway_state(request).settings.admin_key
+async def require_admin_key(request: Request) -> None:
+    expected = (await gateway_state(request)).settings.admin_key
     if expected is None:
-        require_api_key(request)
+        await require_api_key(request)
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), expected):

@@ -21,6 +21,7 @@ def gen_request(
     seed: int | None = None,
     stop: tuple[str, ...] = (),
     stop_token_ids: tuple[int, ...] = (),
+    ignore_eos: bool = False,
 ) -> GenerationRequest:
     sampling = SamplingParams(
         max_tokens=max_tokens,
@@ -30,6 +31,7 @@ def gen_request(
         seed=seed,
         stop=stop,
         stop_token_ids=stop_token_ids,
+        ignore_eos=ignore_eos,
     )
     return GenerationRequest("req-1", prompt_token_ids, prompt_text, adapter, sampling)
 

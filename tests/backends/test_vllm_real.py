@@ -166,20 +166,6 @@ async def test_runtime_adapter_load_and_errors(backend, tiny) -> None:
         await backend.load_adapter("broken", str(tiny.adapter_dir.parent / "no-such-adapter"))
 
 
-class _IgnoringEos(VLLMBackend):
-    """Adds vLLM's ``ignore_eos`` so the random base keeps generating until vLLM is stopped or the stream is
-    closed (16000 tokens take this tiny model a few seconds); everything else is the backend under test."""
-
-    def build_payload(self, request):  # type: ignore[no-untyped-def]
-        return {**super().build_payload(request), "ignore_eos": True}
-
-
-def endless(backend: VLLMBackend) -> VLLMBackend:
-    twin = _IgnoringEos(backend.pool, base_model=backend.base_model)
-    twin._adapters = backend._adapters
-    return twin
-
-
 def generated_tokens(url: str) -> float:
     """vLLM's count of all tokens it generated so far."""
     for line in httpx.get(url + "/metrics", timeout=5).text.splitlines():
@@ -203,7 +189,7 @@ async def settled(read: Callable[[], float], quiet: float = 1.0, timeout: float 
 
 async def test_closing_the_stream_aborts_the_request_in_vllm(backend, vllm, tiny) -> None:
     before = await settled(lambda: generated_tokens(vllm.url))
-    stream = endless(backend).generate(req(tiny, None, max_tokens=16000, stop_token_ids=()))
+    stream = backend.generate(req(tiny, None, max_tokens=16000, stop_token_ids=(), ignore_eos=True))
     for _ in range(3):
         await stream.__anext__()
     await stream.aclose()
@@ -215,7 +201,7 @@ async def test_closing_the_stream_aborts_the_request_in_vllm(backend, vllm, tiny
 
 async def test_killing_vllm_mid_stream_ends_the_stream_with_an_error_fast(backend, vllm, tiny) -> None:
     # A long generation, so vLLM is still streaming when it dies.
-    stream = endless(backend).generate(req(tiny, None, max_tokens=16000, stop_token_ids=()))
+    stream = backend.generate(req(tiny, None, max_tokens=16000, stop_token_ids=(), ignore_eos=True))
     got = [await stream.__anext__() for _ in range(3)]
     assert all(d.finish_reason is None for d in got)
     start = time.perf_counter()
