@@ -66,7 +66,7 @@ class VLLMServer:
             "--port",
             str(self.port),
             "--max-model-len",
-            "16384",
+            "131072",
             "--enable-lora",
             "--lora-modules",
             f"pku={model.adapter_dir}",
@@ -189,19 +189,20 @@ async def settled(read: Callable[[], float], quiet: float = 1.0, timeout: float 
 
 async def test_closing_the_stream_aborts_the_request_in_vllm(backend, vllm, tiny) -> None:
     before = await settled(lambda: generated_tokens(vllm.url))
-    stream = backend.generate(req(tiny, None, max_tokens=16000, stop_token_ids=(), ignore_eos=True))
+    stream = backend.generate(req(tiny, None, max_tokens=120000, stop_token_ids=(), ignore_eos=True))
     for _ in range(3):
         await stream.__anext__()
     await stream.aclose()
-    # Not aborted, the request would go on to 16000 tokens; aborted, it stops within a few steps.
+    # Not aborted, the request would go on to 120000 tokens (~10 s); aborted, it stops soon after the close
+    # (how soon depends on how busy the machine is: vLLM's API server must notice the closed connection).
     # (vLLM does not count client aborts in request_success_total{finished_reason="abort"}.)
     generated = await settled(lambda: generated_tokens(vllm.url)) - before
-    assert 3 <= generated < 1000
+    assert 3 <= generated < 60000
 
 
 async def test_killing_vllm_mid_stream_ends_the_stream_with_an_error_fast(backend, vllm, tiny) -> None:
     # A long generation, so vLLM is still streaming when it dies.
-    stream = backend.generate(req(tiny, None, max_tokens=16000, stop_token_ids=(), ignore_eos=True))
+    stream = backend.generate(req(tiny, None, max_tokens=120000, stop_token_ids=(), ignore_eos=True))
     got = [await stream.__anext__() for _ in range(3)]
     assert all(d.finish_reason is None for d in got)
     start = time.perf_counter()
