@@ -14,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import aclosing
 from typing import Any
 
 from backends.base import Capabilities, Delta, FinishReason, GenerationRequest, Health
 from backends.upstream_errors import error_from_event, map_error_response
-from backends.upstream_pool import UpstreamPool
+from backends.upstream_pool import UpstreamPool, relay
 from gateway.errors import AdapterLoadError, BackendUnavailable, GatewayError, ModelNotFound, UpstreamError
 
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "tool_calls": "stop", "eos": "stop"}
@@ -182,13 +183,9 @@ class CompletionsBackend:
         lines = self.pool.stream_lines(
             "/v1/completions", payload, error_mapper=map_error_response, first_line_error=sse_error
         )
-        deltas = parse_completion_stream(lines)
-        try:
+        async with aclosing(relay(lines, parse_completion_stream)) as deltas:
             async for delta in deltas:
                 yield delta
-        finally:
-            await deltas.aclose()
-            await lines.aclose()
 
     # ------------------------------------------------------------------ adapters
     async def load_adapter(self, name: str, path: str) -> None:

@@ -20,12 +20,13 @@ import asyncio
 import hashlib
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
 from backends.base import Capabilities, Delta, FinishReason, GenerationRequest, Health
 from backends.upstream_errors import error_from_event, map_adapter_error_response, map_error_response
-from backends.upstream_pool import UpstreamPool
+from backends.upstream_pool import UpstreamPool, relay
 from gateway.errors import AdapterLoadError, GatewayError, InvalidRequest, ModelNotFound, UpstreamError
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
@@ -170,13 +171,9 @@ class OllamaBackend:
         lines = self.pool.stream_lines(
             "/api/generate", self.build_payload(request), error_mapper=map_error_response, first_line_error=ndjson_error
         )
-        deltas = parse_ndjson_stream(lines)
-        try:
+        async with aclosing(relay(lines, parse_ndjson_stream)) as deltas:
             async for delta in deltas:
                 yield delta
-        finally:
-            await deltas.aclose()
-            await lines.aclose()
 
     # ------------------------------------------------------------------ adapters
     async def load_adapter(self, name: str, path: str) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 import anyio
 import httpx
 
-from backends.base import Health
+from backends.base import Delta, Health
 from backends.http_transport import KeepAliveTransport
 from gateway.errors import BackendUnavailable, GatewayError, UpstreamError
 
@@ -298,3 +298,18 @@ class _LineReader:
                 continue
             self._rest = data[cut + 1 :]
             return [line.rstrip("\r") for line in data[:cut].decode("utf-8", "replace").split("\n")]
+
+
+async def relay(
+    lines: AsyncGenerator[str, None], parse: Callable[[AsyncGenerator[str, None]], AsyncGenerator[Delta, None]]
+) -> AsyncGenerator[Delta, None]:
+    """Deltas parsed from an upstream's lines. Closing this iterator closes the parser and then the lines, which
+    closes the upstream connection at once (not at garbage collection): that is how the upstream learns of a cancel.
+    """
+    deltas = parse(lines)
+    try:
+        async for delta in deltas:
+            yield delta
+    finally:
+        await deltas.aclose()
+        await lines.aclose()

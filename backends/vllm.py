@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Mapping
+from contextlib import aclosing
 from typing import Any
 
 from backends.base import Capabilities, Delta, GenerationRequest
 from backends.completions import CompletionsBackend, parse_completion_stream, sampling_fields, sse_error
 from backends.upstream_errors import map_adapter_error_response, map_error_response
-from backends.upstream_pool import UpstreamPool
+from backends.upstream_pool import UpstreamPool, relay
 from gateway.errors import AdapterLoadError, UpstreamError
 
 
@@ -79,13 +80,9 @@ class VLLMBackend(CompletionsBackend):
             "/v1/completions", payload, error_mapper=map_error_response, first_line_error=sse_error
         )
         checked = _PromptEchoCheck(lines, sent)
-        deltas = parse_completion_stream(checked)
-        try:
+        async with aclosing(relay(lines, lambda raw: parse_completion_stream(checked))) as deltas:
             async for delta in deltas:
                 yield delta
-        finally:
-            await deltas.aclose()
-            await lines.aclose()
 
     # ------------------------------------------------------------------ adapters
     async def load_adapter(self, name: str, path: str) -> None:
