@@ -117,12 +117,17 @@ async def test_closing_the_stream_frees_the_row(model_dirs: dict[str, Path]) -> 
 
 
 async def test_full_queue_is_refused(model_dirs: dict[str, Path]) -> None:
-    backend = await _backend(model_dirs, max_batch_size=1, max_queue=1)
+    # A context long enough that the running request cannot finish while the test fills the queue.
+    backend = await _backend(model_dirs, max_batch_size=1, max_queue=1, max_model_len=100_000)
     try:
-        streams = [backend.generate(_request([5, 6, 7], None, max_tokens=100)) for _ in range(3)]
+        streams = [backend.generate(_request([5, 6, 7], None, max_tokens=50_000, ignore_eos=True)) for _ in range(3)]
         await anext(streams[0])  # running
         waiting = asyncio.ensure_future(anext(streams[1]))  # queued behind it
-        await asyncio.sleep(0.05)
+        for _ in range(500):
+            if backend._engine.queue_depth == 1:
+                break
+            await asyncio.sleep(0.002)
+        assert backend._engine.queue_depth == 1
         with pytest.raises(Overloaded):
             await anext(streams[2])
         await streams[0].aclose()
