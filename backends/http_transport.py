@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from typing import Any
@@ -40,6 +41,7 @@ class _Connection:
         self.writer = writer
         self.h11 = h11.Connection(h11.CLIENT)
         self.received_any = False
+        self.idle_since = 0.0
 
     def close(self) -> None:
         self.writer.close()
@@ -98,9 +100,12 @@ class _Body(httpx.AsyncByteStream):
 class KeepAliveTransport(httpx.AsyncBaseTransport):
     """``httpx.AsyncClient(transport=KeepAliveTransport())``; see the module docstring."""
 
-    def __init__(self, *, max_idle_per_origin: int = 1000) -> None:
+    def __init__(self, *, max_idle_per_origin: int = 1000, keepalive_expiry: float = 4.0) -> None:
         self._idle: dict[Origin, list[_Connection]] = {}
         self._max_idle = max_idle_per_origin
+        # Idle connections are dropped before servers drop them (uvicorn: 5 s), so a request is rarely sent on a
+        # connection the server is closing, where the retry below could deliver it twice.
+        self._keepalive_expiry = keepalive_expiry
         self._fallback = httpx.AsyncHTTPTransport()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -158,7 +163,8 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         idle = self._idle.get(origin)
         while idle:
             conn = idle.pop()
-            if not conn.reader.at_eof() and not conn.writer.is_closing():
+            fresh = time.monotonic() - conn.idle_since < self._keepalive_expiry
+            if fresh and not conn.reader.at_eof() and not conn.writer.is_closing():
                 return conn
             conn.close()
         return None
@@ -170,6 +176,7 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
             return
         conn.h11.start_next_cycle()
         conn.received_any = False
+        conn.idle_since = time.monotonic()
         idle.append(conn)
 
     async def _connect(self, origin: Origin, timeout: float | None) -> _Connection:
