@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from contextlib import aclosing
 from typing import Any
 
 from backends.base import Capabilities, Delta, FinishReason, GenerationRequest, Health
@@ -177,15 +176,16 @@ class CompletionsBackend:
             "stream_options": {"include_usage": True},
         }
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        """Stream the completion; closing the iterator closes the upstream connection (the upstream aborts)."""
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """Stream the completion; closing the iterator closes the upstream connection (the upstream aborts).
+
+        A request the upstream cannot take (``build_payload``) is refused here, before any stream exists.
+        """
         payload = self.build_payload(request)
         lines = self.pool.stream_lines(
             "/v1/completions", payload, error_mapper=map_error_response, first_line_error=sse_error
         )
-        async with aclosing(relay(lines, parse_completion_stream)) as deltas:
-            async for delta in deltas:
-                yield delta
+        return relay(lines, parse_completion_stream)
 
     # ------------------------------------------------------------------ adapters
     async def load_adapter(self, name: str, path: str) -> None:

@@ -20,7 +20,6 @@ import asyncio
 import hashlib
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -166,14 +165,12 @@ class OllamaBackend:
             body["keep_alive"] = self.keep_alive
         return body
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         """Stream the completion; closing the iterator closes the connection, which stops Ollama's generation."""
         lines = self.pool.stream_lines(
             "/api/generate", self.build_payload(request), error_mapper=map_error_response, first_line_error=ndjson_error
         )
-        async with aclosing(relay(lines, parse_ndjson_stream)) as deltas:
-            async for delta in deltas:
-                yield delta
+        return relay(lines, parse_ndjson_stream)
 
     # ------------------------------------------------------------------ adapters
     async def load_adapter(self, name: str, path: str) -> None:

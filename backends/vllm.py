@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Mapping
-from contextlib import aclosing
 from typing import Any
 
 from backends.base import Capabilities, Delta, GenerationRequest
@@ -68,11 +67,9 @@ class VLLMBackend(CompletionsBackend):
             body["ignore_eos"] = True
         return body
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         if not self.verify_prompt_ids:
-            async for delta in super().generate(request):
-                yield delta
-            return
+            return super().generate(request)
         # vLLM's echo of the prompt ids arrives in the first chunk; we read it off the raw lines.
         payload = self.build_payload(request)
         sent = payload["prompt"]
@@ -80,9 +77,7 @@ class VLLMBackend(CompletionsBackend):
             "/v1/completions", payload, error_mapper=map_error_response, first_line_error=sse_error
         )
         checked = _PromptEchoCheck(lines, sent)
-        async with aclosing(relay(lines, lambda raw: parse_completion_stream(checked))) as deltas:
-            async for delta in deltas:
-                yield delta
+        return relay(lines, lambda raw: parse_completion_stream(checked))
 
     # ------------------------------------------------------------------ adapters
     async def load_adapter(self, name: str, path: str) -> None:
