@@ -16,6 +16,7 @@ from gateway.registry import Registry
 from gateway.settings import AdapterConfig, Settings, SettingsError
 from gateway.state import GatewayState
 from gateway.templates import ResolvedTemplate, TemplateNotFound, TemplateResolutionError, resolve_template
+from gateway.tokenization import ServedTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ async def load_tokenizer(source: str) -> Any:
     def load() -> Any:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(source)
+        return ServedTokenizer(AutoTokenizer.from_pretrained(source))
 
     try:
         return await anyio.to_thread.run_sync(load)
