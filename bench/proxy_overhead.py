@@ -156,6 +156,34 @@ def run_backend_proxy(port: int, upstream: str) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
+def run_relay(port: int, upstream: str) -> None:
+    """A byte relay: each client connection gets its own upstream connection, bytes copied both ways unparsed.
+    No proxy that reads HTTP can add less than this: it is the floor this machine sets (processes, wakeups)."""
+    host, _, up_port = upstream.removeprefix("http://").partition(":")
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        up_r, up_w = await asyncio.open_connection(host, int(up_port))
+        await asyncio.gather(pipe(client_r, up_w), pipe(up_r, client_w))
+
+    async def serve() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", port)
+        async with server:
+            await server.serve_forever()
+
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(serve())
+
+
 # ---------------------------------------------------------------- lean client
 async def one_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> tuple[float, float]:
     """Send one request on a keep-alive connection; return (time to first token, time to last token) in s."""
@@ -234,7 +262,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def measure(args: argparse.Namespace, up_port: int, gw_port: int) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def metered(port: int, body: dict[str, Any], concurrency: int, per: int, pids: dict[str, int]) -> dict[str, Any]:
+    """``level`` plus the CPU each process spent on it: ms per request, and cores in use over the run."""
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    start = time.perf_counter()
+    run = await level(port, body, concurrency, per)
+    elapsed = time.perf_counter() - start
+    spent = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+    run["cpu_ms"] = {name: seconds * 1000 / len(run["ttlt"]) for name, seconds in spent.items()}
+    run["cores"] = sum(spent.values()) / elapsed
+    return run
+
+
+async def measure(args: argparse.Namespace, up_port: int, gw_port: int, pids: dict[str, int]) -> dict[str, Any]:
     direct_body = {"model": "bench-base", "prompt": "Say something.", "max_tokens": args.tokens, "stream": True}
     gateway_body = {**direct_body, "model": "bench" if args.through == "gateway" else "bench-base"}
     await level(up_port, direct_body, 4, 3)  # warm up both paths
@@ -242,9 +288,9 @@ async def measure(args: argparse.Namespace, up_port: int, gw_port: int) -> dict[
     results: dict[str, Any] = {}
     for concurrency in args.concurrency:
         per = max(args.requests_per_stream, 40 // concurrency)
-        direct = await level(up_port, direct_body, concurrency, per)
-        gateway = await level(gw_port, gateway_body, concurrency, per)
-        row = {"concurrency": concurrency, "requests": len(direct["ttlt"])}
+        direct = await metered(up_port, direct_body, concurrency, per, pids)
+        gateway = await metered(gw_port, gateway_body, concurrency, per, pids)
+        row: dict[str, Any] = {"concurrency": concurrency, "requests": len(direct["ttlt"])}
         for name, run in (("direct", direct), ("gateway", gateway)):
             row[name] = {
                 "ttft_p50_ms": pct(run["ttft"], 50),
@@ -252,21 +298,36 @@ async def measure(args: argparse.Namespace, up_port: int, gw_port: int) -> dict[
                 "ttlt_p50_ms": pct(run["ttlt"], 50),
                 "ttlt_p99_ms": pct(run["ttlt"], 99),
                 "rps": run["rps"],
+                "cpu_ms_per_request": run["cpu_ms"],
+                "cores_busy": run["cores"],
             }
         for key in ("ttft_p50_ms", "ttft_p99_ms", "ttlt_p50_ms", "ttlt_p99_ms"):
             row["added_" + key] = row["gateway"][key] - row["direct"][key]
         row["rps_ratio"] = row["gateway"]["rps"] / row["direct"]["rps"]
+        row["gateway_cpu_ms_per_request"] = gateway["cpu_ms"]["gateway"]
         results[str(concurrency)] = row
+        cpu = " ".join(f"{name} {ms:.2f}" for name, ms in gateway["cpu_ms"].items())
         print(
             f"{concurrency:>4} streams x{per}: "
             f"TTFT p50 {row['direct']['ttft_p50_ms']:.2f} -> {row['gateway']['ttft_p50_ms']:.2f} ms "
             f"(+{row['added_ttft_p50_ms']:.2f}), p99 +{row['added_ttft_p99_ms']:.2f} | "
             f"TTLT p50 {row['direct']['ttlt_p50_ms']:.2f} -> {row['gateway']['ttlt_p50_ms']:.2f} ms "
             f"(+{row['added_ttlt_p50_ms']:.2f}), p99 +{row['added_ttlt_p99_ms']:.2f} | "
-            f"rps {row['direct']['rps']:.1f} -> {row['gateway']['rps']:.1f} (x{row['rps_ratio']:.2f})",
+            f"rps {row['direct']['rps']:.1f} -> {row['gateway']['rps']:.1f} (x{row['rps_ratio']:.2f})\n"
+            f"      CPU ms/request through the gateway: {cpu}; cores busy {direct['cores']:.2f} direct, "
+            f"{gateway['cores']:.2f} through the gateway (of {os.cpu_count()})",
             flush=True,
         )
     return results
+
+
+def _loop_factory() -> Any:
+    """uvloop for the load generator when installed: the less CPU the client takes, the more is left to measure."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def main() -> None:
@@ -277,12 +338,13 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 50, 200])
     parser.add_argument(
         "--through",
-        choices=["gateway", "backend"],
+        choices=["gateway", "backend", "relay"],
         default="gateway",
-        help="gateway: the real app; backend: only the upstream backend behind a bare ASGI app (attribution)",
+        help="gateway: the real app; backend: only the upstream backend behind a bare ASGI app (attribution); "
+        "relay: a byte relay that parses nothing (the floor any proxy pays here)",
     )
     parser.add_argument(
-        "--role", choices=["bench", "upstream", "gateway", "backend"], default="bench", help=argparse.SUPPRESS
+        "--role", choices=["bench", "upstream", "gateway", "backend", "relay"], default="bench", help=argparse.SUPPRESS
     )
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--upstream", default="", help=argparse.SUPPRESS)
@@ -293,6 +355,8 @@ def main() -> None:
         return run_gateway(args.port, args.upstream)
     if args.role == "backend":
         return run_backend_proxy(args.port, args.upstream)
+    if args.role == "relay":
+        return run_relay(args.port, args.upstream)
 
     up_port, gw_port = free_port(), free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -305,9 +369,15 @@ def main() -> None:
     try:
         wait_port(up_port)
         wait_port(gw_port)
-        what = "real app, --backend openai" if args.through == "gateway" else "OpenAICompatBackend in a bare ASGI app"
+        what = {
+            "gateway": "real app, --backend openai",
+            "backend": "OpenAICompatBackend in a bare ASGI app",
+            "relay": "a byte relay (no HTTP parsing)",
+        }[args.through]
         print(f"upstream: {args.tokens} tokens, {args.interval_ms:g} ms apart; through: {what}")
-        results = asyncio.run(measure(args, up_port, gw_port))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            pids = {"client": os.getpid(), "upstream": upstream.pid, "gateway": gateway.pid}
+            results = runner.run(measure(args, up_port, gw_port, pids))
     finally:
         for process in (gateway, upstream):
             process.send_signal(signal.SIGINT)
@@ -328,7 +398,7 @@ def main() -> None:
         "interval_ms": args.interval_ms,
         "through": args.through,
         "levels": {
-            k: {kk: round(vv, 3) for kk, vv in v.items() if kk.startswith("added") or kk == "rps_ratio"}
+            k: {kk: round(vv, 3) for kk, vv in v.items() if kk.startswith(("added", "rps", "gateway_cpu"))}
             for k, v in results.items()
         },
     }
