@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from pathlib import PurePosixPath
 from typing import Any
 
 from backends.base import Capabilities, Delta, FinishReason, GenerationRequest, Health
@@ -102,6 +103,8 @@ class CompletionsBackend:
     ``base_model`` is the upstream's name for the base model (discovered from ``/v1/models`` when ``None``);
     ``served_adapters`` maps gateway adapter names to LoRA names the upstream already serves under another
     name; ``adapters`` (name -> path) are made available at ``start()`` through ``load_adapter``.
+    ``adapter_paths`` maps folder prefixes as the gateway sees them to the same folders as the upstream sees them
+    (an upstream on another host or in a container); it applies to every path the upstream is told or shows.
     """
 
     capabilities = Capabilities(runtime_adapters=False, token_ids_in=False, token_ids_out=False)
@@ -114,8 +117,13 @@ class CompletionsBackend:
         base_model: str | None = None,
         adapters: Mapping[str, str] | None = None,
         served_adapters: Mapping[str, str] | None = None,
+        adapter_paths: Mapping[str, str] | None = None,
     ) -> None:
         self.pool = pool
+        self._path_map = sorted(
+            ((PurePosixPath(local), PurePosixPath(remote)) for local, remote in (adapter_paths or {}).items()),
+            key=lambda pair: -len(pair[0].parts),
+        )
         self.base_model = base_model
         self._configured = dict(adapters or {})
         self._served_names = dict(served_adapters or {})
@@ -188,6 +196,14 @@ class CompletionsBackend:
         return relay(lines, parse_completion_stream)
 
     # ------------------------------------------------------------------ adapters
+    def upstream_path(self, path: str) -> str:
+        """``path`` as the upstream sees it: the longest ``adapter_paths`` prefix it lies under, replaced."""
+        local = PurePosixPath(path)
+        for prefix, remote in self._path_map:
+            if local == prefix or prefix in local.parents:
+                return str(remote / local.relative_to(prefix))
+        return path
+
     async def load_adapter(self, name: str, path: str) -> None:
         """Make ``name`` usable; returns at once when it already is (from the same path)."""
         async with self._adapter_lock:
@@ -223,6 +239,6 @@ class CompletionsBackend:
             if model.get("id") == wanted:
                 return wanted
         for model in models:  # served under another name, from the same files
-            if model.get("parent") and model.get("root") == path:
+            if model.get("parent") and model.get("root") == self.upstream_path(path):
                 return str(model["id"])
         return None

@@ -27,9 +27,12 @@ class OpenAICompatBackend(CompletionsBackend):
         base_model: str | None = None,
         adapters: Mapping[str, str] | None = None,
         served_adapters: Mapping[str, str] | None = None,
+        adapter_paths: Mapping[str, str] | None = None,
         token_prompt: bool = False,
     ) -> None:
-        super().__init__(pool, base_model=base_model, adapters=adapters, served_adapters=served_adapters)
+        super().__init__(
+            pool, base_model=base_model, adapters=adapters, served_adapters=served_adapters, adapter_paths=adapter_paths
+        )
         self.token_prompt = token_prompt
         self.capabilities = Capabilities(runtime_adapters=False, token_ids_in=token_prompt, token_ids_out=False)
 

@@ -40,10 +40,13 @@ class VLLMBackend(CompletionsBackend):
         base_model: str | None = None,
         adapters: Mapping[str, str] | None = None,
         served_adapters: Mapping[str, str] | None = None,
+        adapter_paths: Mapping[str, str] | None = None,
         runtime_lora_updating: bool = True,
         verify_prompt_ids: bool = True,
     ) -> None:
-        super().__init__(pool, base_model=base_model, adapters=adapters, served_adapters=served_adapters)
+        super().__init__(
+            pool, base_model=base_model, adapters=adapters, served_adapters=served_adapters, adapter_paths=adapter_paths
+        )
         self.runtime_lora_updating = runtime_lora_updating
         self.verify_prompt_ids = verify_prompt_ids
         if not runtime_lora_updating:
@@ -97,13 +100,13 @@ class VLLMBackend(CompletionsBackend):
         if not self.runtime_lora_updating:
             raise AdapterLoadError(
                 f"vLLM does not serve adapter {name!r} and runtime LoRA updating is off; start vLLM with"
-                f" --lora-modules {name}={path} or set VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"
+                f" --lora-modules {name}={self.upstream_path(path)} or set VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"
             )
         for replica in self.pool.replicas:
             await self.pool.request(
                 "POST",
                 "/v1/load_lora_adapter",
-                json={"lora_name": name, "lora_path": path},
+                json={"lora_name": name, "lora_path": self.upstream_path(path)},
                 replica=replica,
                 error_mapper=map_adapter_error_response,
             )

@@ -61,6 +61,9 @@ def serve(
     tokenizer: Annotated[Optional[str], typer.Option(help=_help("tokenizer"))] = None,  # noqa: UP045
     upstream_model: Annotated[Optional[str], typer.Option(help=_help("upstream_model"))] = None,  # noqa: UP045
     upstream_api_key: Annotated[Optional[str], typer.Option(help=_help("upstream_api_key"))] = None,  # noqa: UP045
+    upstream_adapter_path: Annotated[
+        list[str], typer.Option(help=_help("upstream_adapter_paths") + " (repeatable)")
+    ] = [],  # noqa: B006
     device: Annotated[Optional[str], typer.Option(help=_help("device"))] = None,  # noqa: UP045
     dtype: Annotated[Optional[str], typer.Option(help=_help("dtype"))] = None,  # noqa: UP045
     served_model_name: Annotated[Optional[str], typer.Option(help=_help("served_model_name"))] = None,  # noqa: UP045
@@ -97,6 +100,7 @@ def serve(
             tokenizer=tokenizer,
             upstream_model=upstream_model,
             upstream_api_key=upstream_api_key,
+            upstream_adapter_paths=_pairs(upstream_adapter_path, "--upstream-adapter-path") or None,
             device=device,
             dtype=dtype,
             served_model_name=served_model_name,

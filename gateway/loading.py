@@ -96,6 +96,7 @@ async def create_backend(settings: Settings, model_dir: Path, tokenizer: Any) ->
         timeouts=timeouts,
         api_key=settings.upstream_api_key,
         runtime_adapters=settings.upstream_runtime_adapters,
+        adapter_paths=settings.upstream_adapter_paths,
     )
 
 

@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     )
     upstream_idle_timeout: float = Field(60.0, gt=0, description="Longest silence inside an upstream stream, seconds.")
     upstream_health_interval: float = Field(5.0, ge=0, description="Seconds between upstream health checks (0: off).")
+    upstream_adapter_paths: dict[str, str] = Field(
+        {},
+        description="LOCAL=REMOTE: an adapter folder prefix as the gateway sees it and as the upstream sees it "
+        "(vLLM in a container or on another host).",
+    )
     upstream_runtime_adapters: bool = Field(
         True, description="vLLM: load adapters it does not serve with /v1/load_lora_adapter."
     )

@@ -129,3 +129,24 @@ async def test_bad_adapter_path_and_runtime_updates_off() -> None:
         await off.load_adapter("x", "/saves/x")
     assert not off.capabilities.runtime_adapters
     await off.aclose()
+
+
+async def test_adapter_folders_are_named_as_the_upstream_sees_them() -> None:
+    """vLLM in a container: the gateway's /data/saves is vLLM's /saves; the longest prefix wins."""
+    fake = FakeVLLM()
+    paths = {"/data/saves": "/saves", "/data/saves/team": "/saves/shared/team"}
+    b = make(fake, base_model="tiny", adapter_paths=paths, adapters={"new": "/data/saves/new"})
+    await b.start()
+    await b.load_adapter("team-run", "/data/saves/team/run1/checkpoint-9")
+    await b.load_adapter("served-elsewhere", "/data/saves/served")  # vLLM serves it as "served", root /saves/served
+    await b.load_adapter("outside", "/saves/x")  # under no local prefix: sent unchanged
+    loads = [body for url, body in fake.calls if url.endswith("/v1/load_lora_adapter")]
+    assert loads == [
+        {"lora_name": "new", "lora_path": "/saves/new"},
+        {"lora_name": "team-run", "lora_path": "/saves/shared/team/run1/checkpoint-9"},
+        {"lora_name": "outside", "lora_path": "/saves/x"},
+    ]
+    await collect(b.generate(gen_request("served-elsewhere")))
+    assert fake.calls[-1][1]["model"] == "served"
+    assert b.upstream_path("/data/savesX/a") == "/data/savesX/a"  # a prefix is whole folders, not characters
+    await b.aclose()

@@ -81,3 +81,13 @@ def test_adapter_lifecycle_settings_from_the_environment(monkeypatch) -> None:  
     settings = Settings.load(None, model="/m", adapter_roots=("/r1", "/r2"), pins=("p",))
     assert (settings.max_adapters, settings.admin_key, settings.adapter_roots, settings.pins) == (
         3, "k", ("/r1", "/r2"), ("p",))
+
+
+def test_upstream_adapter_paths_from_file_and_flag_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        "model: m\nbackend: vllm\nupstream: [http://gpu:8000]\nupstream_adapter_paths:\n  /data/saves: /saves\n"
+    )
+    assert Settings.load(config).upstream_adapter_paths == {"/data/saves": "/saves"}
+    result = runner.invoke(app, ["serve", "--model", "m", "--upstream-adapter-path", "/data/saves"])
+    assert result.exit_code == 2 and "NAME=VALUE" in result.output
