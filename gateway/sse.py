@@ -1,4 +1,11 @@
-"""Server-sent events the way OpenAI streams them: ``data: {json}`` events, then ``data: [DONE]``."""
+"""Server-sent events the way OpenAI streams them: ``data: {json}`` events, then ``data: [DONE]``.
+
+Events are encoded by sse-starlette's ``ServerSentEvent`` and sent by Starlette's ``StreamingResponse``, which
+also ends the stream when the client hangs up. Not sse-starlette's ``EventSourceResponse``: its keep-alive pings
+have nothing to do here (the first chunk is awaited before the response starts, tokens follow without long gaps),
+and its four tasks per response plus a cancel scope per event cost 0.55 ms of CPU per 16-token stream, a quarter
+of the gateway's whole cost in front of an upstream (bench/proxy_overhead.py, 2.38 -> 1.83 ms per request).
+"""
 
 from __future__ import annotations
 
@@ -7,24 +14,31 @@ import logging
 from collections.abc import AsyncIterator
 
 from pydantic import BaseModel
-from sse_starlette import EventSourceResponse
+from sse_starlette import ServerSentEvent
+from starlette.responses import StreamingResponse
 
 from gateway.errors import GatewayError
 
 log = logging.getLogger(__name__)
 
+HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}  # no caching, no buffering in nginx
 
-async def _events(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
+
+def _event(data: str) -> bytes:
+    return ServerSentEvent(data, sep="\n").encode()
+
+
+async def _events(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[bytes]:
     try:
         async for chunk in chunks:
-            yield chunk.model_dump_json(exclude_none=True)
+            yield _event(chunk.model_dump_json(exclude_none=True))
     except GatewayError as exc:
         # Headers are gone: the error travels as an event the OpenAI SDK raises as APIError.
         log.warning("stream ended with error: %s", exc.message)
-        yield json.dumps(exc.body(), ensure_ascii=False)
+        yield _event(json.dumps(exc.body(), ensure_ascii=False))
         return
-    yield "[DONE]"
+    yield _event("[DONE]")
 
 
-def sse_response(chunks: AsyncIterator[BaseModel]) -> EventSourceResponse:
-    return EventSourceResponse(_events(chunks), ping=15, sep="\n")
+def sse_response(chunks: AsyncIterator[BaseModel]) -> StreamingResponse:
+    return StreamingResponse(_events(chunks), media_type="text/event-stream", headers=HEADERS)
