@@ -6,6 +6,7 @@ rendered with the adapter's training template, and the stop strings.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,6 +84,25 @@ def test_lmdeploy_chat_streams_with_training_template(lmdeploy_gateway) -> None:
     base = api.chat.completions.create(model="tiny-qwen", messages=[{"role": "user", "content": QUESTION}])
     assert base.choices[0].message.content == "I am the base model."
     assert recorder.bodies("/v1/completions")[-1]["model"] == "qwen-base"
+
+
+def test_a_client_hanging_up_ends_the_upstream_stream(lmdeploy_gateway) -> None:  # type: ignore[no-untyped-def]
+    """The gateway closes its upstream connection as soon as the client goes: the engine stops generating."""
+    server, recorder = lmdeploy_gateway
+    recorder.faults.delay_each = 0.5  # 5 pieces: 2.5 s if nobody hung up
+    stream = client(server).chat.completions.create(
+        model="pku-assistant", messages=[{"role": "user", "content": QUESTION}], stream=True
+    )
+    first = next(chunk for chunk in stream if chunk.choices and chunk.choices[0].delta.content)
+    assert first.choices[0].delta.content.startswith("I")
+    stream.close()
+    deadline = time.monotonic() + 1.0
+    while recorder.aborted == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert (recorder.aborted, recorder.completed) == (1, 0)
+    recorder.faults.delay_each = 0.0
+    answer = client(server).chat.completions.create(model="tiny-qwen", messages=[{"role": "user", "content": "hi"}])
+    assert answer.choices[0].message.content == "I am the base model."
 
 
 def test_lmdeploy_upstream_error_reaches_the_client_as_openai_error(lmdeploy_gateway) -> None:  # type: ignore[no-untyped-def]
