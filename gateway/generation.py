@@ -145,13 +145,21 @@ async def prepend(first: T, rest: AsyncIterator[T]) -> AsyncIterator[T]:
             await aclose()
 
 
-async def held(lease: Lease, stream: AsyncIterator[T]) -> AsyncIterator[T]:
-    """``stream``, holding ``lease`` (the adapter stays loaded) until the stream ends or is closed."""
+async def start_stream(lease: Lease, stream: AsyncIterator[T]) -> AsyncIterator[T]:
+    """``stream`` with its first item already awaited, so that errors before the first token (queue full, upstream
+    down) still get their HTTP status. The returned stream holds ``lease`` (the adapter stays loaded) until it ends
+    or is closed; if the first item fails, the caller still holds the lease and releases it."""
+    first = await anext(stream)
+    return _holding(lease, first, stream)
+
+
+async def _holding(lease: Lease, first: T, rest: AsyncIterator[T]) -> AsyncIterator[T]:
     try:
-        async for item in stream:
+        yield first
+        async for item in rest:
             yield item
     finally:
         lease.release()
-        aclose = getattr(stream, "aclose", None)
+        aclose = getattr(rest, "aclose", None)
         if aclose is not None:
             await aclose()

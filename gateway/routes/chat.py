@@ -13,11 +13,11 @@ from gateway.generation import (
     PreparedPrompt,
     choice_streams,
     completion_budget,
-    held,
     merge_streams,
     new_id,
     note_unknown_fields,
     prepend,
+    start_stream,
 )
 from gateway.protocol.chat import (
     AssistantMessage,
@@ -94,10 +94,8 @@ async def create_chat_completion(
         parsers = [_parser(target, body) for _ in range(body.n)]
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            chunks = held(lease, _stream_chunks(completion_id, body.model, len(prompt.token_ids), streams, parsers,
-                                                include_usage))
-            first = await anext(chunks)  # errors before the first token (queue full, upstream down) keep their status
-            return sse_response(prepend(first, chunks))
+            chunks = _stream_chunks(completion_id, body.model, len(prompt.token_ids), streams, parsers, include_usage)
+            return sse_response(await start_stream(lease, chunks))
         return await _complete(completion_id, body.model, len(prompt.token_ids), streams, parsers)
     except BaseException:
         lease.release()

@@ -13,11 +13,10 @@ from gateway.generation import (
     PreparedPrompt,
     choice_streams,
     completion_budget,
-    held,
     merge_streams,
     new_id,
     note_unknown_fields,
-    prepend,
+    start_stream,
 )
 from gateway.protocol.common import Usage
 from gateway.protocol.completions import Completion, CompletionChoice, CompletionChunk, CompletionRequest
@@ -56,10 +55,8 @@ async def create_completion(body: CompletionRequest, state: GatewayState = Depen
         echo = prompt.text if body.echo else ""
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            chunks = held(lease, _stream(completion_id, body.model, len(prompt.token_ids), streams, echo,
-                                         include_usage))
-            first = await anext(chunks)
-            return sse_response(prepend(first, chunks))
+            chunks = _stream(completion_id, body.model, len(prompt.token_ids), streams, echo, include_usage)
+            return sse_response(await start_stream(lease, chunks))
         return await _complete(completion_id, body.model, len(prompt.token_ids), streams, echo)
     except BaseException:
         lease.release()
@@ -91,11 +88,9 @@ async def _complete(completion_id: str, model: str, n_prompt: int, streams: list
 async def _stream(completion_id: str, model: str, prompt_tokens: int, streams: list[AsyncIterator[TextPiece]],
                   echo: str, include_usage: bool) -> AsyncIterator[CompletionChunk]:
     base: dict[str, Any] = {"id": completion_id, "created": int(time.time()), "model": model}
-    pieces = merge_streams(streams)
-    first = await anext(pieces)
     echoed: set[int] = set()
     completion_tokens = 0
-    async for index, piece in prepend(first, pieces):
+    async for index, piece in merge_streams(streams):
         text = piece.text
         if echo and index not in echoed:
             echoed.add(index)
