@@ -220,6 +220,10 @@ class UpstreamPool:
                 while True:
                     for line in lines:
                         yield line
+                    # A turn for the event loop per read: from an upstream faster than us every read finds bytes
+                    # buffered and returns without suspending, so without this a long answer holds the loop to its
+                    # end (the client's hang-up and our cancellation unnoticed, other requests stalled).
+                    await asyncio.sleep(0)
                     try:
                         async with _deadline(self.timeouts.idle):
                             lines = await reader.read()

@@ -28,7 +28,7 @@ from pathlib import Path
 import platformdirs
 
 # Bump when the recipe changes in a way data.yaml does not show (code, architecture, file layout).
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 MARKER = "demo.json"
 
 

