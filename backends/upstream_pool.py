@@ -31,6 +31,8 @@ from backends.base import Delta, Health
 from backends.http_transport import KeepAliveTransport
 from gateway.errors import BackendUnavailable, GatewayError, UpstreamError
 
+YIELD_EVERY_READS = 8
+
 ErrorMapper = Callable[[int, bytes], GatewayError]
 """Turns an upstream error answer (HTTP status, raw body) into one of our errors."""
 
@@ -217,13 +219,17 @@ class UpstreamPool:
                     failures.append(f"{replica.url}: {replica.last_error}")
                     continue
                 replica.healthy = True
+                reads = 0
                 while True:
                     for line in lines:
                         yield line
-                    # A turn for the event loop per read: from an upstream faster than us every read finds bytes
-                    # buffered and returns without suspending, so without this a long answer holds the loop to its
-                    # end (the client's hang-up and our cancellation unnoticed, other requests stalled).
-                    await asyncio.sleep(0)
+                    # A turn for the event loop every few reads: from an upstream faster than us every read finds
+                    # bytes buffered and returns without suspending, so without this a long answer holds the loop to
+                    # its end (the client's hang-up and our cancellation unnoticed, other requests stalled). Not every
+                    # read: resuming the whole generator chain costs ~10 us, and reads normally suspend anyway.
+                    reads += 1
+                    if reads % YIELD_EVERY_READS == 0:
+                        await asyncio.sleep(0)
                     try:
                         async with _deadline(self.timeouts.idle):
                             lines = await reader.read()
