@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -173,14 +174,15 @@ def run_relay(port: int, upstream: str) -> None:
 
     async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         up_r, up_w = await asyncio.open_connection(host, int(up_port))
-        await asyncio.gather(pipe(client_r, up_w), pipe(up_r, client_w))
+        with contextlib.suppress(asyncio.CancelledError):  # cancelled at shutdown: nothing left to relay
+            await asyncio.gather(pipe(client_r, up_w), pipe(up_r, client_w))
 
     async def serve() -> None:
-        server = await asyncio.start_server(handle, "127.0.0.1", port)
+        server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=2048)  # as uvicorn's
         async with server:
             await server.serve_forever()
 
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner, contextlib.suppress(KeyboardInterrupt):
         runner.run(serve())
 
 
