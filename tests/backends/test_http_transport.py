@@ -103,3 +103,36 @@ async def test_refused_connection_is_a_connect_error(client) -> None:
     await server.wait_closed()
     with pytest.raises(httpx.ConnectError):
         await client.get(f"http://127.0.0.1:{port}/")
+
+
+async def answering(raw: bytes) -> asyncio.Server:
+    """A server that reads one request head and writes ``raw`` back, then closes."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(raw)
+        await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+async def test_chunked_body_headers_and_a_body_that_runs_to_the_close(client) -> None:
+    chunked = b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+    until_close = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nno length, no chunks"
+    for raw, status, content in ((chunked, 201, b"abcde"), (until_close, 200, b"no length, no chunks")):
+        server = await answering(raw)
+        port = server.sockets[0].getsockname()[1]
+        response = await client.get(f"http://127.0.0.1:{port}/")
+        assert (response.status_code, response.content) == (status, content)
+        if status == 201:
+            assert response.headers["x-a"] == "1" and response.reason_phrase == "Created"
+        server.close()
+
+
+async def test_a_malformed_answer_is_a_protocol_error(client) -> None:
+    server = await answering(b"HTTP/1.1 abc Nonsense\r\n\r\n")
+    port = server.sockets[0].getsockname()[1]
+    with pytest.raises(httpx.RemoteProtocolError, match="malformed"):
+        await client.get(f"http://127.0.0.1:{port}/")
+    server.close()
