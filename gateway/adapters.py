@@ -4,11 +4,8 @@
 gateway can serve — configured (``--adapter``), loaded through the admin API, or found under an ``--adapter-root``
 — and which of them the backend holds now. Routes never talk to the backend about adapters; they ask the pool::
 
-    lease = await pool.acquire("pku-assistant")   # loads it first if needed (maybe evicting an idle one)
-    try:
-        ... generate with lease.target ...
-    finally:
-        lease.release()
+    async with pool.leased("pku-assistant") as lease:   # loads it first if needed (maybe evicting an idle one)
+        ... generate with lease.target ...   # lease.keep() hands the hold to a stream that outlives the block
 
 Contracts:
 
@@ -28,7 +25,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -72,6 +70,11 @@ class Lease:
         self._pool = pool
         self._adapter = adapter
         self._held = adapter is not None
+        self._kept = False
+
+    def keep(self) -> None:
+        """Hand the hold on to whoever releases it later (a stream that outlives the ``leased`` block)."""
+        self._kept = True
 
     def release(self) -> None:
         if self._held and self._adapter is not None:
@@ -120,6 +123,16 @@ class AdapterPool:
         if model not in self.registry:
             self._discover(model)
         return self.registry.resolve(model)  # raises ModelNotFound with the list of served models
+
+    @asynccontextmanager
+    async def leased(self, model: str) -> AsyncIterator[Lease]:
+        """``acquire`` for the length of a block: released at its end, unless ``keep()`` handed it on."""
+        lease = await self.acquire(model)
+        try:
+            yield lease
+        finally:
+            if not lease._kept:
+                lease.release()
 
     async def acquire(self, model: str) -> Lease:
         """A lease on ``model`` (see ``resolve``), its adapter loaded."""

@@ -147,9 +147,10 @@ async def prepend(first: T, rest: AsyncIterator[T]) -> AsyncIterator[T]:
 
 async def start_stream(lease: Lease, stream: AsyncIterator[T]) -> AsyncIterator[T]:
     """``stream`` with its first item already awaited, so that errors before the first token (queue full, upstream
-    down) still get their HTTP status. The returned stream holds ``lease`` (the adapter stays loaded) until it ends
-    or is closed; if the first item fails, the caller still holds the lease and releases it."""
+    down) still get their HTTP status. The returned stream keeps ``lease`` (the adapter stays loaded) until it ends
+    or is closed; if the first item fails, the lease stays with the caller's ``leased`` block."""
     first = await anext(stream)
+    lease.keep()
     return _holding(lease, first, stream)
 
 

@@ -84,8 +84,7 @@ async def create_chat_completion(
     body: ChatCompletionRequest, state: GatewayState = Depends(gateway_state)
 ) -> JSONResponse | Any:
     note_unknown_fields(state, body)
-    lease = await state.adapters.acquire(body.model)
-    try:
+    async with state.adapters.leased(body.model) as lease:
         target = lease.target
         prompt = render_chat(state, target, body)
         max_tokens = completion_budget(state, len(prompt.token_ids), body.completion_budget())
@@ -97,12 +96,6 @@ async def create_chat_completion(
             chunks = _stream_chunks(completion_id, body.model, len(prompt.token_ids), streams, parsers, include_usage)
             return sse_response(await start_stream(lease, chunks))
         return await _complete(completion_id, body.model, len(prompt.token_ids), streams, parsers)
-    except BaseException:
-        lease.release()
-        raise
-    finally:
-        if not body.stream:
-            lease.release()
 
 
 def _tool_calls(parsed: ParsedDelta) -> list[ToolCallBody] | None:

@@ -46,8 +46,7 @@ def prepare_text(state: GatewayState, body: CompletionRequest) -> PreparedPrompt
 @router.post("/v1/completions", response_model=None)
 async def create_completion(body: CompletionRequest, state: GatewayState = Depends(gateway_state)) -> Any:
     note_unknown_fields(state, body)
-    lease = await state.adapters.acquire(body.model)
-    try:
+    async with state.adapters.leased(body.model) as lease:
         prompt = prepare_text(state, body)
         max_tokens = completion_budget(state, len(prompt.token_ids), body.max_tokens)
         streams = choice_streams(state, lease.target, prompt, body, body.n, max_tokens)
@@ -58,12 +57,6 @@ async def create_completion(body: CompletionRequest, state: GatewayState = Depen
             chunks = _stream(completion_id, body.model, len(prompt.token_ids), streams, echo, include_usage)
             return sse_response(await start_stream(lease, chunks))
         return await _complete(completion_id, body.model, len(prompt.token_ids), streams, echo)
-    except BaseException:
-        lease.release()
-        raise
-    finally:
-        if not body.stream:
-            lease.release()
 
 
 async def _complete(completion_id: str, model: str, n_prompt: int, streams: list[AsyncIterator[TextPiece]],
