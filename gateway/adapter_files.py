@@ -79,28 +79,51 @@ def confine(path: str | Path, roots: Sequence[Path]) -> Path:
     """The real folder ``path`` names, which must lie inside one of ``roots`` when any are given.
 
     A relative ``path`` is taken relative to each root in turn. ``..`` components are refused outright; symlinks
-    are resolved before the containment check, so a link pointing out of a root is refused too.
+    are resolved before the containment check, so a link pointing out of a root is refused too, and so is a folder
+    holding a file linked out of the roots (the weights would be read from there). With roots, a path that is
+    missing and one that lies outside get the same answer, which says nothing about what exists outside.
     """
+    text = str(path)
+    if "\x00" in text:
+        raise AdapterLoadError("adapter path must not contain a NUL character", param="path")
     given = Path(path)
     if ".." in PurePosixPath(given.as_posix()).parts:
-        raise AdapterLoadError(f"adapter path {str(path)!r} must not contain '..'", param="path")
+        raise AdapterLoadError(f"adapter path {text!r} must not contain '..'", param="path")
     if not roots:
         candidates = [given]
     elif given.is_absolute():
         candidates = [given]
     else:
         candidates = [root / given for root in roots]
+    real_roots = [root.resolve() for root in roots]
     for candidate in candidates:
         try:
             real = candidate.resolve(strict=True)
         except (OSError, RuntimeError):
             continue
-        if not roots or any(real.is_relative_to(root.resolve()) for root in roots):
-            if not real.is_dir():
-                raise AdapterLoadError(f"adapter path {str(path)!r} is not a folder", param="path")
-            return real
-        raise AdapterLoadError(f"adapter path {str(path)!r} is outside the configured adapter roots", param="path")
-    raise AdapterLoadError(f"adapter path {str(path)!r} does not exist", param="path")
+        if real_roots and not _inside(real, real_roots):
+            continue
+        if not real.is_dir():
+            raise AdapterLoadError(f"adapter path {text!r} is not a folder", param="path")
+        if real_roots:
+            _refuse_links_out(real, text, real_roots)
+        return real
+    if roots:
+        raise AdapterLoadError(f"adapter path {text!r} is not a folder inside the configured adapter roots",
+                               param="path")
+    raise AdapterLoadError(f"adapter path {text!r} does not exist", param="path")
+
+
+def _inside(real: Path, real_roots: Sequence[Path]) -> bool:
+    return any(real.is_relative_to(root) for root in real_roots)
+
+
+def _refuse_links_out(folder: Path, given: str, real_roots: Sequence[Path]) -> None:
+    """Every file of the folder (weights, config, tokenizer, template files) must resolve inside the roots."""
+    for entry in folder.iterdir():
+        if entry.is_symlink() and not _inside(entry.resolve(), real_roots):
+            raise AdapterLoadError(f"adapter path {given!r}: {entry.name} links outside the configured adapter "
+                                   f"roots", param="path")
 
 
 def is_adapter_folder(folder: Path) -> bool:

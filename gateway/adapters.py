@@ -17,7 +17,8 @@ Contracts:
   returns at once; from another folder is a ``Conflict``.
 - Every check (path inside the roots, safetensors only, shapes fit the base) runs before the backend is touched;
   a refused adapter leaves everything as it was.
-- Under a root, the name of a run folder is its path relative to the root: ``RUN`` or ``RUN/checkpoint-N``.
+- Under a root, the name of a run folder is its path relative to the root: ``RUN`` or ``RUN/checkpoint-N``; other
+  spellings of that path (``./RUN``, ``RUN/.``, ``RUN//``) name the same adapter, never another resident copy.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ AdapterState = Literal["loaded", "on_disk", "loading", "unloading"]
 AdapterSource = Literal["config", "api", "root"]
 TemplateResolver = Callable[[Path, "str | None"], ResolvedTemplate]  # (adapter folder, explicit name) -> template
 SLOT_WAIT_SECONDS = 30.0  # how long a load waits for a busy adapter to become evictable before 429
+
+
+def canonical_name(model: str) -> str:
+    """The one name of a run folder under a root: ``./RUN//checkpoint-5/.`` -> ``RUN/checkpoint-5``."""
+    return "/".join(part for part in model.split("/") if part not in ("", "."))
 
 
 @dataclass(eq=False)
@@ -120,8 +126,10 @@ class AdapterPool:
 
     def resolve(self, model: str) -> Target:
         """The target ``model`` names (base, adapter, or run folder under a root), loaded or not; 404 if unknown."""
-        if model not in self.registry:
-            self._discover(model)
+        if model not in self.registry and self.roots:
+            canonical = canonical_name(model)
+            if canonical and (canonical in self.registry or self._discover(canonical) is not None):
+                return self.registry.resolve(canonical)
         return self.registry.resolve(model)  # raises ModelNotFound with the list of served models
 
     @asynccontextmanager

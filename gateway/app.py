@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from backends.base import Backend
 from gateway import __version__
+from gateway.boundary import BodyLimit, RequestBoundary
 from gateway.errors import install_error_handlers
 from gateway.loading import build_state
 from gateway.routes import adapters, admin, chat, completions, models
@@ -34,6 +35,8 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
 
     app = FastAPI(title="lora-gateway", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestBoundary)  # added last: outermost, so it also sees the body limit's answers
     for module in (chat, completions, models, adapters, admin):
         app.include_router(module.router)
     return app

@@ -70,6 +70,7 @@ def serve(
     max_batch_size: Annotated[Optional[int], typer.Option(help=_help("max_batch_size"))] = None,  # noqa: UP045
     max_queue: Annotated[Optional[int], typer.Option(help=_help("max_queue"))] = None,  # noqa: UP045
     max_model_len: Annotated[Optional[int], typer.Option(help=_help("max_model_len"))] = None,  # noqa: UP045
+    max_body_bytes: Annotated[Optional[int], typer.Option(help=_help("max_body_bytes"))] = None,  # noqa: UP045
     host: Annotated[Optional[str], typer.Option(help=_help("host"))] = None,  # noqa: UP045
     port: Annotated[Optional[int], typer.Option(help=_help("port"))] = None,  # noqa: UP045
     api_key: Annotated[Optional[str], typer.Option(help=_help("api_key"))] = None,  # noqa: UP045
@@ -107,6 +108,7 @@ def serve(
             max_batch_size=max_batch_size,
             max_queue=max_queue,
             max_model_len=max_model_len,
+            max_body_bytes=max_body_bytes,
             host=host,
             port=port,
             api_key=api_key,

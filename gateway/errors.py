@@ -6,6 +6,7 @@
     ├── ModelNotFound               404  invalid_request_error   code=model_not_found
     ├── NotFound                    404  invalid_request_error
     ├── Conflict                    409  invalid_request_error
+    ├── PayloadTooLarge             413  invalid_request_error   code=request_too_large (--max-body-bytes)
     ├── AdapterLoadError            422  invalid_request_error   (adapter does not fit its base, unsafe file, ...)
     ├── Overloaded                  429  rate_limit_error        (queue full; carries Retry-After)
     ├── UpstreamError               502  upstream_error          (an upstream answered something broken)
@@ -17,6 +18,7 @@ return error values and nothing matches on exception text.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -70,6 +72,12 @@ class Conflict(GatewayError):
     default_code = "conflict"
 
 
+class PayloadTooLarge(GatewayError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
 class AdapterLoadError(GatewayError):
     status_code = 422
     error_type = "invalid_request_error"
@@ -101,8 +109,22 @@ class BackendUnavailable(GatewayError):
     default_code = "backend_unavailable"
 
 
+class ErrorJSONResponse(JSONResponse):
+    """JSON that always renders: a message quoting a lone surrogate the client sent falls back to ASCII escapes."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 def error_response(exc: GatewayError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers())
+    return ErrorJSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers())
+
+
+# Routing and protocol errors Starlette raises, by status: the ``code`` our body gives them.
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
 def _describe_validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -132,7 +154,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        error = GatewayError(str(exc.detail))
+        error = GatewayError(str(exc.detail), code=_HTTP_CODES.get(exc.status_code))
         error.status_code = exc.status_code
         error.error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return error_response(error)
+        response = error_response(error)
+        response.headers.update(exc.headers or {})  # e.g. a 405's Allow
+        return response

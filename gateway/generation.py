@@ -56,7 +56,8 @@ def completion_budget(state: GatewayState, prompt_tokens: int, requested: int | 
 
 def sampling_params(body: SamplingFields, max_tokens: int, stop: Sequence[str], stop_token_ids: Sequence[int],
                     choice: int) -> SamplingParams:
-    seed = None if body.seed is None else body.seed + choice
+    # Choice i samples with seed + i, wrapped into the signed 64-bit range every engine takes.
+    seed = None if body.seed is None else (body.seed + choice + 2**63) % 2**64 - 2**63
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -83,6 +84,9 @@ def stop_token_ids(state: GatewayState, stops: Sequence[str]) -> list[int]:
 def choice_streams(state: GatewayState, target: Target, prompt: PreparedPrompt, body: SamplingFields, n: int,
                    max_tokens: int) -> list[AsyncIterator[TextPiece]]:
     """One text stream per choice; each runs as its own sequence in the backend."""
+    if n > state.settings.max_queue:  # the choices could never all wait for a batch slot: a 429 would be forever
+        raise InvalidRequest(f"n is {n}, more choices than this server can queue (--max-queue "
+                             f"{state.settings.max_queue})", param="n")
     ids = stop_token_ids(state, prompt.stop)
     streams = []
     for choice in range(n):

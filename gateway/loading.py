@@ -130,7 +130,7 @@ async def build_state(settings: Settings, backend: Backend | None = None) -> Gat
 
     backend = backend or await create_backend(settings, model_dir, tokenizer)
     pool = AdapterPool(backend, registry, roots=roots, shapes=shapes,
-                       base_names=(base_name, settings.model, model_dir.name), max_adapters=settings.max_adapters,
+                       base_names=(base_name, settings.model, model_dir.name), max_adapters=settings.adapter_limit(),
                        pins=settings.pins, allow_unsafe=settings.allow_unsafe_adapters,
                        resolve_template=runtime_template)
     try:

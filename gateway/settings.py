@@ -25,6 +25,8 @@ class AdapterConfig(BaseModel):
     template: str | None = Field(None, description="Chat template for this adapter; detected when unset.")
 
 
+DEFAULT_MAX_ADAPTERS_WITH_ROOTS = 16  # r=8..64 adapters of a 7B model: well under 2 GB together
+
 Backend = Literal["torch", "vllm", "lmdeploy", "ollama", "openai"]
 Device = Literal["auto", "cpu", "cuda", "npu"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -63,6 +65,8 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(8, ge=1, description="Most sequences decoded together by the native engine.")
     max_queue: int = Field(256, ge=1, description="Most requests waiting for a batch slot before 429.")
     max_model_len: int | None = Field(None, ge=16, description="Context length; default: the model's own.")
+    max_body_bytes: int = Field(4 << 20, ge=1024, description=(
+        "Largest request body accepted, in bytes (larger: 413); default 4 MiB."))
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
     api_key: str | None = Field(None, description="If set, clients must send `Authorization: Bearer <key>`.")
@@ -71,7 +75,8 @@ class Settings(BaseSettings):
         "Folder of LoRA run folders: a request for `model=RUN` or `model=RUN/checkpoint-N` under it loads that "
         "adapter on first use. When set, adapters load only from inside these folders."))
     max_adapters: int | None = Field(None, ge=1, description=(
-        "Most adapters resident at once; the least recently used idle one is evicted (default: no limit)."))
+        "Most adapters resident at once; the least recently used idle one is evicted (default: no limit, or "
+        f"{DEFAULT_MAX_ADAPTERS_WITH_ROOTS} with --adapter-root, where clients choose what loads)."))
     pins: tuple[str, ...] = Field((), description="Adapter names that stay resident, never evicted.")
     allow_unsafe_adapters: bool = Field(False, description=(
         "Also load pickle weights (adapter_model.bin); by default only safetensors are loaded."))
@@ -86,6 +91,12 @@ class Settings(BaseSettings):
         if duplicates:
             raise ValueError(f"adapter names must be unique; repeated: {', '.join(duplicates)}")
         return adapters
+
+    def adapter_limit(self) -> int | None:
+        """``max_adapters``, or its default: bounded when adapter roots let clients pick what gets loaded."""
+        if self.max_adapters is not None or not self.adapter_roots:
+            return self.max_adapters
+        return max(DEFAULT_MAX_ADAPTERS_WITH_ROOTS, len(self.pins))
 
     @classmethod
     def settings_customise_sources(

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from sse_starlette import ServerSentEvent
 from starlette.responses import StreamingResponse
 
+from gateway.boundary import request_id
 from gateway.errors import GatewayError
 
 log = logging.getLogger(__name__)
@@ -29,14 +30,19 @@ def _event(data: str) -> bytes:
 
 
 async def _events(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[bytes]:
+    """The chunks as events, then ``[DONE]``. A failure mid-way, of any kind, ends the stream with an error event
+    (headers are gone: the OpenAI SDK raises it as APIError) and still ``[DONE]``, so no client is left hanging."""
     try:
         async for chunk in chunks:
             yield _event(chunk.model_dump_json(exclude_none=True))
     except GatewayError as exc:
-        # Headers are gone: the error travels as an event the OpenAI SDK raises as APIError.
-        log.warning("stream ended with error: %s", exc.message)
-        yield _event(json.dumps(exc.body(), ensure_ascii=False))
-        return
+        log.warning("stream ended with error (request id %s): %s", request_id.get(), exc.message)
+        yield _event(json.dumps(exc.body(), ensure_ascii=True))
+    except Exception as exc:
+        log.exception("stream failed (request id %s)", request_id.get())
+        error = GatewayError(f"The server had an error while streaming your answer (request id {request_id.get()})."
+                             f" Cause: {type(exc).__name__}.")
+        yield _event(json.dumps(error.body(), ensure_ascii=True))
     yield _event("[DONE]")
 
 

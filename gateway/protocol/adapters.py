@@ -6,11 +6,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gateway.protocol.common import RequestBody
 
-class LoadAdapterRequest(BaseModel):
+
+class LoadAdapterRequest(RequestBody):
     """``POST /v1/adapters``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str = Field(description="The name clients will use as `model`.")
     path: str = Field(description="The LoRA folder; relative paths are taken inside the adapter roots.")
@@ -18,19 +20,19 @@ class LoadAdapterRequest(BaseModel):
     template: str | None = Field(None, description="Chat template; detected from the folder when unset.")
 
 
-class VLLMLoadLoraRequest(BaseModel):
+class VLLMLoadLoraRequest(RequestBody):
     """vLLM's ``POST /v1/load_lora_adapter`` body."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     lora_name: str
     lora_path: str
 
 
-class VLLMUnloadLoraRequest(BaseModel):
+class VLLMUnloadLoraRequest(RequestBody):
     """vLLM's ``POST /v1/unload_lora_adapter`` body."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     lora_name: str
     lora_int_id: int | None = None

@@ -32,7 +32,7 @@ async def require_admin_key(request: Request) -> None:
         await require_api_key(request)
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), expected):
+    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), expected.encode()):
         raise AuthenticationError("The adapter admin API needs `Authorization: Bearer <admin key>`.",
                                   code="invalid_admin_key")
 

@@ -37,6 +37,10 @@ def _json_or_invalid(text: str) -> Any:
         return _INVALID
 
 
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 class DefaultToolFormat(MarkerStart):
     """ReAct style: ``Action: name`` / ``Action Input: {json}``, tools listed with their arguments."""
 
@@ -46,12 +50,18 @@ class DefaultToolFormat(MarkerStart):
     def tools_text(self, tools: Sequence[dict[str, Any]]) -> str:
         tool_text, names = "", []
         for tool in map(function_of, tools):
-            parameters = tool.get("parameters") or {}
+            parameters = _mapping(tool.get("parameters"))
             args = ""
-            for name, param in (parameters.get("properties") or {}).items():
-                required = ", required" if name in parameters.get("required", []) else ""
-                enum = ", should be one of [{}]".format(", ".join(param["enum"])) if param.get("enum") else ""
-                items = f", where each item should be {param['items'].get('type', '')}" if param.get("items") else ""
+            required_names = parameters.get("required")
+            required_names = required_names if isinstance(required_names, list) else []
+            for name, raw in _mapping(parameters.get("properties")).items():
+                param = _mapping(raw)  # a schema may be `true`; LLaMA-Factory's code assumes objects and strings
+                required = ", required" if name in required_names else ""
+                values = param.get("enum")
+                listed = isinstance(values, list) and values
+                enum = ", should be one of [{}]".format(", ".join(map(str, values))) if listed else ""
+                item_type = _mapping(param.get("items")).get("type", "")
+                items = f", where each item should be {item_type}" if param.get("items") else ""
                 args += f"  - {name} ({param.get('type', '')}{required}): {param.get('description', '')}{enum}{items}\n"
             tool_text += f"> Tool Name: {tool['name']}\nTool Description: {tool.get('description', '')}\nTool Args:\n"
             tool_text += f"{args}\n"
