@@ -237,6 +237,19 @@ class Engine:
         return out.logits[:, -1, :]
 
     def _prefill(self, joining: list[Sequence]) -> None:
+        try:
+            logits, cache, mask = self._prefill_forward(joining)
+        except Exception as exc:
+            failing = self._find_failing(joining, self._prefill_forward)
+            self._fail_rows(failing or joining, exc)
+            rest = [s for s in joining if s not in failing]
+            if failing and rest:
+                self._prefill(rest)  # each retry has fewer rows: this ends
+            return
+        self._join(joining, cache, mask)
+        self._choose_and_accept(joining, logits)
+
+    def _prefill_forward(self, joining: list[Sequence]) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
         longest = max(len(s.request.prompt_token_ids) for s in joining)
         ids = torch.full((len(joining), longest), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(joining), longest), dtype=torch.long)
@@ -248,17 +261,90 @@ class Engine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         logits = self._forward(ids, mask, positions, cache, [s.adapter for s in joining])
-        self._join(joining, cache, mask)
-        self._accept(joining, choose_tokens(logits, [s.sampler for s in joining]))
+        return logits, cache, mask
 
     def _decode(self) -> None:
         assert self._cache is not None and self._mask is not None
-        rows = self._rows
+        rows, width = self._rows, self._mask.shape[1]
+        try:
+            logits = self._decode_forward(rows, self._cache, self._mask)
+        except Exception as exc:
+            # The cache is updated layer by layer in place: layers before the failure hold one position more.
+            self._cache = DynamicCache(ddp_cache_data=[(k[:, :, :width], v[:, :, :width])
+                                                      for k, v in _key_values(self._cache)])
+            failing = self._find_failing(rows, lambda part: self._decode_forward(part, *self._rows_state(part)))
+            self._fail_rows(failing or rows, exc)
+            if failing and self._rows:
+                self._decode()  # the same step for the others; each retry has fewer rows: this ends
+            return
+        self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
+        self._choose_and_accept(rows, logits)
+
+    def _decode_forward(self, rows: list[Sequence], cache: DynamicCache, mask: torch.Tensor) -> torch.Tensor:
         ids = torch.tensor([[s.next_token] for s in rows], dtype=torch.long, device=self.device)
         positions = torch.tensor([[s.position] for s in rows], dtype=torch.long, device=self.device)
-        self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
-        logits = self._forward(ids, self._mask, positions, self._cache, [s.adapter for s in rows])
-        self._accept(rows, choose_tokens(logits, [s.sampler for s in rows]))
+        mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+        return self._forward(ids, mask, positions, cache, [s.adapter for s in rows])
+
+    # --- failure isolation: a row that breaks a step fails alone --------------------------------------------------
+    # A step (forward or token choice) that raises is retried without the rows that fail on their own. They are
+    # found by bisection over the batch (a forward fails when any of its rows does): one bad row costs about
+    # 2*log2(batch) smaller forwards, on copies of the cache, and only when a step has failed. A failure no part of
+    # the batch reproduces alone (out of memory, a broken device) cannot be pinned on a row and fails them all.
+    # Token choice is per row already, so it is re-run row by row, with each generator rewound to where it was:
+    # the other rows draw exactly the tokens they would have drawn.
+
+    def _find_failing(self, rows: list[Sequence], attempt: Callable[[list[Sequence]], object]) -> list[Sequence]:
+        """The rows of ``rows`` (a batch ``attempt`` failed on) that make ``attempt`` fail by themselves."""
+        if len(rows) == 1:
+            return rows
+        failing: list[Sequence] = []
+        half = len(rows) // 2
+        for part in (rows[:half], rows[half:]):
+            try:
+                attempt(part)
+            except Exception:
+                failing += self._find_failing(part, attempt)
+        return failing
+
+    def _rows_state(self, part: list[Sequence]) -> tuple[DynamicCache, torch.Tensor]:
+        """A copy of the cache and mask of some running rows, for a trial forward that must not touch the real one."""
+        assert self._cache is not None and self._mask is not None
+        index = torch.tensor([self._rows.index(s) for s in part], dtype=torch.long, device=self.device)
+        layers = [(k.index_select(0, index), v.index_select(0, index)) for k, v in _key_values(self._cache)]
+        return DynamicCache(ddp_cache_data=layers), self._mask.index_select(0, index)
+
+    def _fail_rows(self, rows: list[Sequence], exc: Exception) -> None:
+        log.error("engine step failed for %d of its rows (%s: %s); the others go on", len(rows),
+                  type(exc).__name__, exc, exc_info=exc)
+        error = GatewayError(f"the inference engine failed on this request ({type(exc).__name__}); other requests "
+                             "were not affected")
+        for seq in rows:
+            self._post(seq, error)
+        self._drop_rows([s for s in rows if s in self._rows])
+
+    def _choose_and_accept(self, rows: list[Sequence], logits: torch.Tensor) -> None:
+        samplers = [s.sampler for s in rows]
+        generators = [getattr(s, "generator", None) for s in samplers]
+        states = [g.get_state() if g is not None else None for g in generators]
+        try:
+            tokens = choose_tokens(logits, samplers)
+        except Exception as exc:
+            for generator, state in zip(generators, states, strict=True):
+                if generator is not None and state is not None:
+                    generator.set_state(state)
+            chosen: list[tuple[Sequence, int]] = []
+            failing: list[Sequence] = []
+            for i, seq in enumerate(rows):
+                try:
+                    chosen.append((seq, choose_tokens(logits[i : i + 1], [seq.sampler])[0]))
+                except Exception:
+                    failing.append(seq)
+            self._fail_rows(failing or rows, exc)
+            if not failing:
+                return
+            rows, tokens = [s for s, _ in chosen], [t for _, t in chosen]
+        self._accept(rows, tokens)
 
     def _accept(self, rows: list[Sequence], tokens: list[int]) -> None:
         finished = []
