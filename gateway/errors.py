@@ -8,6 +8,7 @@
     ├── Conflict                    409  invalid_request_error
     ├── PayloadTooLarge             413  invalid_request_error   code=request_too_large (--max-body-bytes)
     ├── AdapterLoadError            422  invalid_request_error   (adapter does not fit its base, unsafe file, ...)
+    ├── ClientDisconnected          499  client_closed_request   (nobody reads it: the client is gone)
     ├── Overloaded                  429  rate_limit_error        (queue full; carries Retry-After)
     ├── UpstreamError               502  upstream_error          (an upstream answered something broken)
     └── BackendUnavailable          503  service_unavailable     (no healthy upstream, engine stopped)
@@ -82,6 +83,11 @@ class AdapterLoadError(GatewayError):
     status_code = 422
     error_type = "invalid_request_error"
     default_code = "adapter_load_error"
+
+
+class ClientDisconnected(GatewayError):
+    status_code = 499  # nginx's "client closed request"; never seen by a client
+    error_type = "client_closed_request"
 
 
 class Overloaded(GatewayError):

@@ -6,9 +6,10 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
+from gateway.disconnects import while_connected
 from gateway.generation import (
     PreparedPrompt,
     choice_streams,
@@ -39,6 +40,7 @@ from gateway.sse import sse_response
 from gateway.state import GatewayState
 from gateway.streaming import TextPiece
 from gateway.templates import OutputParser, ParsedDelta, encode_segments
+from gateway.tokenization import prepare_off_loop
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
@@ -71,22 +73,23 @@ def _parser(target: Target, body: ChatCompletionRequest) -> OutputParser:
 
 
 @router.post("/v1/chat/render")
-async def render_chat_prompt(body: ChatCompletionRequest, state: GatewayState = Depends(gateway_state)) -> RenderedChat:
+async def render_chat_prompt(body: ChatCompletionRequest, request: Request,
+                             state: GatewayState = Depends(gateway_state)) -> RenderedChat:
     """The exact prompt (text and token ids) ``body.model`` would receive, and why that template."""
     target = state.adapters.resolve(body.model)  # no need to load the adapter to render its prompt
-    prompt = render_chat(state, target, body)
+    prompt = await prepare_off_loop(request, render_chat, state, target, body)
     return RenderedChat(model=target.name, template=target.template.name, template_source=target.template_source,
                         prompt=prompt.text, token_ids=list(prompt.token_ids), stop=list(prompt.stop))
 
 
 @router.post("/v1/chat/completions", response_model=None)
 async def create_chat_completion(
-    body: ChatCompletionRequest, state: GatewayState = Depends(gateway_state)
+    body: ChatCompletionRequest, request: Request, state: GatewayState = Depends(gateway_state)
 ) -> JSONResponse | Any:
     note_unknown_fields(state, body)
     async with state.adapters.leased(body.model) as lease:
         target = lease.target
-        prompt = render_chat(state, target, body)
+        prompt = await prepare_off_loop(request, render_chat, state, target, body)
         max_tokens = completion_budget(state, len(prompt.token_ids), body.completion_budget())
         streams = choice_streams(state, target, prompt, body, body.n, max_tokens)
         completion_id = new_id("chatcmpl")
@@ -95,7 +98,8 @@ async def create_chat_completion(
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             chunks = _stream_chunks(completion_id, body.model, len(prompt.token_ids), streams, parsers, include_usage)
             return sse_response(await start_stream(lease, chunks))
-        return await _complete(completion_id, body.model, len(prompt.token_ids), streams, parsers)
+        return await while_connected(
+            request, _complete(completion_id, body.model, len(prompt.token_ids), streams, parsers))
 
 
 def _tool_calls(parsed: ParsedDelta) -> list[ToolCallBody] | None:

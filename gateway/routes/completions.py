@@ -6,8 +6,9 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 
+from gateway.disconnects import while_connected
 from gateway.errors import InvalidRequest
 from gateway.generation import (
     PreparedPrompt,
@@ -24,6 +25,7 @@ from gateway.routes.deps import gateway_state, require_api_key
 from gateway.sse import sse_response
 from gateway.state import GatewayState
 from gateway.streaming import TextPiece
+from gateway.tokenization import prepare_off_loop
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
@@ -44,10 +46,11 @@ def prepare_text(state: GatewayState, body: CompletionRequest) -> PreparedPrompt
 
 
 @router.post("/v1/completions", response_model=None)
-async def create_completion(body: CompletionRequest, state: GatewayState = Depends(gateway_state)) -> Any:
+async def create_completion(body: CompletionRequest, request: Request,
+                            state: GatewayState = Depends(gateway_state)) -> Any:
     note_unknown_fields(state, body)
     async with state.adapters.leased(body.model) as lease:
-        prompt = prepare_text(state, body)
+        prompt = await prepare_off_loop(request, prepare_text, state, body)
         max_tokens = completion_budget(state, len(prompt.token_ids), body.max_tokens)
         streams = choice_streams(state, lease.target, prompt, body, body.n, max_tokens)
         completion_id = new_id("cmpl")
@@ -56,7 +59,8 @@ async def create_completion(body: CompletionRequest, state: GatewayState = Depen
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             chunks = _stream(completion_id, body.model, len(prompt.token_ids), streams, echo, include_usage)
             return sse_response(await start_stream(lease, chunks))
-        return await _complete(completion_id, body.model, len(prompt.token_ids), streams, echo)
+        return await while_connected(request, _complete(completion_id, body.model, len(prompt.token_ids), streams,
+                                                        echo))
 
 
 async def _complete(completion_id: str, model: str, n_prompt: int, streams: list[AsyncIterator[TextPiece]],

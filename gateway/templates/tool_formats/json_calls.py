@@ -58,8 +58,8 @@ class DefaultToolFormat(MarkerStart):
                 param = _mapping(raw)  # a schema may be `true`; LLaMA-Factory's code assumes objects and strings
                 required = ", required" if name in required_names else ""
                 values = param.get("enum")
-                listed = isinstance(values, list) and values
-                enum = ", should be one of [{}]".format(", ".join(map(str, values))) if listed else ""
+                values = values if isinstance(values, list) else []
+                enum = ", should be one of [{}]".format(", ".join(map(str, values))) if values else ""
                 item_type = _mapping(param.get("items")).get("type", "")
                 items = f", where each item should be {item_type}" if param.get("items") else ""
                 args += f"  - {name} ({param.get('type', '')}{required}): {param.get('description', '')}{enum}{items}\n"
