@@ -201,6 +201,13 @@ def eval_command(
     """
     import asyncio
 
+    from gateway.eval.metrics import missing_libraries
+
+    missing = missing_libraries()
+    if missing:
+        typer.echo(f"Error: gateway eval needs {', '.join(missing)}: pip install 'lora-gateway[eval]'", err=True)
+        raise typer.Exit(1)
+
     from gateway.eval.datasets import DatasetError
     from gateway.eval.job import EvalJob, run_job
     from gateway.eval.runner import EvalError, Sampling

@@ -8,6 +8,7 @@ named ``predict_<metric>`` as LLaMA-Factory's ``predict_results.json`` names it.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections.abc import Iterable
 
@@ -15,6 +16,14 @@ import numpy as np
 
 METRICS = ("bleu-4", "rouge-1", "rouge-2", "rouge-l")
 Scores = dict[str, float]
+
+
+LIBRARIES = {"jieba": "jieba", "nltk": "nltk", "rouge_chinese": "rouge-chinese", "tqdm": "tqdm"}
+
+
+def missing_libraries() -> list[str]:
+    """The distributions of the ``eval`` extra that are not installed."""
+    return [dist for module, dist in LIBRARIES.items() if importlib.util.find_spec(module) is None]
 
 
 def similarity(predict: str, label: str) -> Scores:
