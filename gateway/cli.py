@@ -198,6 +198,7 @@ def eval_command(
     """Offline eval like LLaMA-Factory's do_predict: every example through every model, BLEU-4 and ROUGE, a report.
 
     Without --server, the gateway runs in this process with the serve flags (--model, --adapter, --demo, ...).
+    --api-key is sent with every request (with --server: the key that server requires).
     """
     import asyncio
 
