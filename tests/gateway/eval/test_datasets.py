@@ -96,7 +96,8 @@ def test_sharegpt_default_tags_system_tools_function_calls(tmp_path: Path, lines
         {"role": "system", "content": "你是助手。"},
         {"role": "user", "content": "北京天气？"},
         {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_0", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "北京"}'}}]},
+            {"id": "call_0", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "北京"}'}}]},
         {"role": "tool", "content": "晴"},
     ]
     assert first.label == "北京今天晴。"

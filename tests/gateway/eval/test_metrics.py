@@ -24,13 +24,15 @@ def test_bleu4_on_characters_with_method3_smoothing() -> None:
 
 
 def test_rouge_on_jieba_words() -> None:
-    # jieba: 我是北大人工智能助手。             -> 我 | 是 | 北大 | 人工智能 | 助手 | 。                    (6 words)
-    #        我是北大人工智能助手，由北京大学开发。 -> 我 | 是 | 北大 | 人工智能 | 助手 | ， | 由 | 北京大学 | 开发 | 。 (10)
+    # jieba: 我是北大人工智能助手。 -> 我 | 是 | 北大 | 人工智能 | 助手 | 。  (6 words)
+    #        我是北大人工智能助手，由北京大学开发。
+    #                              -> 我 | 是 | 北大 | 人工智能 | 助手 | ， | 由 | 北京大学 | 开发 | 。  (10 words)
     # ROUGE-1 (distinct unigrams): overlap 6; P = 6/6, R = 6/10; F = 2·1·0.6 / 1.6 = 0.75
     # ROUGE-2 (distinct bigrams): hypothesis 我是 是北大 北大人工智能 人工智能助手 助手。 (5); the reference has 9, of
     #   which 4 are shared (助手。 is not: the reference has 助手，); P = 4/5, R = 4/9;
     #   F = 2 · 0.8 · 0.4444 / 1.2444 = 0.571429
-    # ROUGE-L: the longest common subsequence is the whole hypothesis (6 words, 。 last in both): P = 1, R = 0.6, F = 0.75
+    # ROUGE-L: the longest common subsequence is the whole hypothesis (6 words, 。 last in both):
+    #   P = 1, R = 0.6, F = 0.75
     # Each ×100, rounded to 4 places.
     scores = similarity("我是北大人工智能助手。", "我是北大人工智能助手，由北京大学开发。")
     assert scores["rouge-1"] == 75.0
