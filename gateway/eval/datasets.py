@@ -300,6 +300,9 @@ def load_examples(dataset: str, dataset_dir: Path | None = None, formatting: str
         if not specs:
             raise DatasetError("--dataset names no dataset")
     else:
+        if not Path(dataset).exists():
+            raise DatasetError(f"no dataset file at {dataset} (to name a dataset of dataset_info.json, give "
+                               "--dataset-dir)")
         specs = [spec_for_file(Path(dataset), formatting)]
     examples: list[Example] = []
     skipped = 0

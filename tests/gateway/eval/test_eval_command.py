@@ -98,3 +98,13 @@ def test_a_bad_dataset_is_a_usage_error_before_any_model_loads(tmp_path: Path) -
     assert result.exit_code == 2 and "not in" in result.output
     result = runner.invoke(app, ["eval", "--dataset", "identity", "--models", "a", "--demo"])
     assert result.exit_code == 2 and "no dataset file" in result.output
+
+
+def test_the_api_key_is_sent_to_an_in_process_gateway_that_requires_it(demo_models: object, demo_cache_home: Path,
+                                                                          tmp_path: Path) -> None:
+    # --api-key makes the in-process gateway require the key; the run passes only if every request carries it.
+    result = run_eval(["--dataset", "identity", "--dataset-dir", str(DATA), "--models", "pku-assistant",
+                       "--max-samples", "1", "--max-tokens", "8", "--out", str(tmp_path), "--no-progress", "--demo",
+                       "--api-key", "sekret"], env={"XDG_CACHE_HOME": str(demo_cache_home)})
+    assert result.returncode == 0, result.stderr
+    assert len(_predictions(tmp_path, "pku-assistant")) == 1
