@@ -144,7 +144,10 @@ def read_examples(spec: DatasetSpec, max_samples: int | None = None) -> tuple[li
         source = f"{spec.file.name}#{index}"
         if not isinstance(record, dict):
             raise DatasetError(f"{source}: a record must be a JSON object")
-        turns = _alpaca(spec, record) if spec.formatting == "alpaca" else _sharegpt(spec, record)
+        try:
+            turns = _alpaca(spec, record) if spec.formatting == "alpaca" else _sharegpt(spec, record)
+        except DatasetError as exc:
+            raise DatasetError(f"{source}: {exc}") from None
         if turns is None:
             skipped += 1
             continue
@@ -221,8 +224,10 @@ def _alpaca(spec: DatasetSpec, record: dict[str, Any]) -> Turns:
     chat: list[tuple[str, str]] = []
     history = _get(record, spec.history)
     if isinstance(history, list):
-        for old_prompt, old_response in history:
-            chat += [("user", old_prompt), ("assistant", old_response)]
+        for turn in history:
+            if not (isinstance(turn, list) and len(turn) == 2):
+                raise DatasetError(f"the {spec.history!r} column must hold [prompt, response] pairs, not {turn!r}")
+            chat += [("user", turn[0]), ("assistant", turn[1])]
     query = [v for v in (_get(record, spec.prompt), _get(record, spec.query)) if v]
     chat.append(("user", "\n".join(query)))
     response = _get(record, spec.response)
@@ -235,6 +240,8 @@ def _sharegpt(spec: DatasetSpec, record: dict[str, Any]) -> Turns | None:
              spec.function_tag: "function", spec.system_tag: "system"}
     accepted = ((spec.user_tag, spec.observation_tag), (spec.assistant_tag, spec.function_tag))
     messages = _get(record, spec.messages) or []
+    if not (isinstance(messages, list) and all(isinstance(m, dict) for m in messages)):
+        raise DatasetError(f"the {spec.messages!r} column must hold a list of messages (JSON objects)")
     if spec.system_tag and messages and messages[0].get(spec.role_tag) == spec.system_tag:
         system, messages = messages[0].get(spec.content_tag), messages[1:]
     else:

@@ -181,3 +181,14 @@ def test_bad_files_name_the_place(tmp_path: Path) -> None:
         {"from": "observation", "value": "R"}, {"from": "gpt", "value": "A"}]}]))
     with pytest.raises(DatasetError, match="f.json#0: a function_call turn must hold JSON"):
         load_examples(str(tmp_path / "f.json"), formatting="sharegpt")
+
+
+def test_malformed_columns_name_the_example(tmp_path: Path) -> None:
+    (tmp_path / "h.json").write_text(json.dumps([{"instruction": "Q", "output": "A", "history": [["only one"]]}]))
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"h": {"file_name": "h.json", "columns": {
+        "prompt": "instruction", "response": "output", "history": "history"}}}))
+    with pytest.raises(DatasetError, match=r"h.json#0: the 'history' column must hold \[prompt, response\] pairs"):
+        load_examples("h", tmp_path)
+    (tmp_path / "c.json").write_text(json.dumps([{"conversations": "not a list"}]))
+    with pytest.raises(DatasetError, match="c.json#0: the 'conversations' column must hold a list"):
+        load_examples(str(tmp_path / "c.json"))
