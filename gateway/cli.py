@@ -1,11 +1,15 @@
-"""The ``gateway`` command: ``serve``, ``demo build`` and ``template``."""
+"""The ``gateway`` command: ``serve``, ``eval``, ``demo build`` and ``template``."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -48,8 +52,7 @@ def adapter_configs(adapters: list[str], templates: list[str]) -> tuple[AdapterC
     return tuple(AdapterConfig(name=n, path=p, template=chosen.get(n)) for n, p in paths.items())
 
 
-@app.command()
-def serve(
+def server_settings(
     model: Annotated[Optional[str], typer.Option(help=_help("model"))] = None,  # noqa: UP045 (typer needs Optional)
     adapter: Annotated[list[str], typer.Option(help="NAME=DIR: serve a LoRA adapter (repeatable).")] = [],  # noqa: B006
     adapter_template: Annotated[
@@ -83,13 +86,8 @@ def serve(
     ] = False,
     admin_key: Annotated[Optional[str], typer.Option(help=_help("admin_key"))] = None,  # noqa: UP045
     config: Annotated[Optional[Path], typer.Option(help="YAML file with settings (flags win).")] = None,  # noqa: UP045
-    log_level: Annotated[str, typer.Option(help="Logging level.")] = "info",
-) -> None:
-    """Serve the OpenAI-compatible API."""
-    import uvicorn
-
-    from gateway.app import create_app
-
+) -> Settings:
+    """The gateway's settings from the ``serve`` flags (the parameters here); a bad one is a usage error."""
     try:
         settings = Settings.load(
             config,
@@ -121,8 +119,132 @@ def serve(
         )
     except SettingsError as exc:
         raise typer.BadParameter(str(exc)) from None
+    return settings
+
+
+@dataclass(frozen=True)
+class ServerFlags:
+    """The ``serve`` flags as given to a command; ``settings()`` turns them into Settings when it needs them."""
+
+    values: dict[str, Any]
+
+    def given(self) -> list[str]:
+        """The flags set to something other than their default, as ``--flag-name``."""
+        defaults = {n: p.default for n, p in inspect.signature(server_settings).parameters.items()}
+        return ["--" + n.replace("_", "-") for n, v in self.values.items() if v != defaults[n]]
+
+    def settings(self) -> Settings:
+        return server_settings(**self.values)
+
+
+def with_server_flags(command: Callable[..., None]) -> Callable[..., None]:
+    """Give ``command`` every ``serve`` flag (the parameters of ``server_settings``), passed to it as one
+    ``server: ServerFlags``: commands that start a gateway share the flags instead of copying them."""
+    own = inspect.signature(command, eval_str=True)
+    flags = inspect.signature(server_settings, eval_str=True).parameters
+
+    @functools.wraps(command)
+    def with_flags(**kwargs: Any) -> None:
+        command(server=ServerFlags({name: kwargs.pop(name) for name in flags}), **kwargs)
+
+    # typer reads the signature (and type hints) of what it is given.
+    with_flags.__signature__ = own.replace(  # type: ignore[attr-defined]
+        parameters=[*(p for n, p in own.parameters.items() if n != "server"), *flags.values()])
+    with_flags.__annotations__ = {**{n: p.annotation for n, p in own.parameters.items() if n != "server"},
+                                  **{n: p.annotation for n, p in flags.items()}, "return": None}
+    return with_flags
+
+
+@app.command()
+@with_server_flags
+def serve(server: ServerFlags, log_level: Annotated[str, typer.Option(help="Logging level.")] = "info") -> None:
+    """Serve the OpenAI-compatible API."""
+    import uvicorn
+
+    from gateway.app import create_app
+
+    settings = server.settings()
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level.lower())
+
+
+@app.command("eval")
+@with_server_flags
+def eval_command(
+    server: ServerFlags,
+    dataset: Annotated[str, typer.Option(help=(
+        "A .json/.jsonl file (alpaca or sharegpt), or with --dataset-dir comma-separated names from its "
+        "dataset_info.json."))],
+    models: Annotated[str, typer.Option(help="Comma-separated models to evaluate: bases, adapters, routes.")],
+    dataset_dir: Annotated[Optional[Path], typer.Option(help=(  # noqa: UP045
+        "Folder with LLaMA-Factory's dataset_info.json (column and tag mappings)."))] = None,
+    formatting: Annotated[Optional[str], typer.Option(help=(  # noqa: UP045
+        "alpaca or sharegpt, for a file without dataset_info.json (default: sharegpt if records have "
+        "'conversations')."))] = None,
+    max_samples: Annotated[Optional[int], typer.Option(min=1, help="First N examples of each dataset.")] = None,  # noqa: UP045
+    out: Annotated[Path, typer.Option(help="Output folder: OUT/MODEL/generated_predictions.jsonl, "
+                                           "OUT/MODEL/predict_results.json, OUT/report.html.")] = Path("eval-output"),
+    server_url: Annotated[Optional[str], typer.Option("--server", help=(  # noqa: UP045
+        "A running gateway's URL (without /v1); default: start one in this process from the serve flags."))] = None,
+    temperature: Annotated[float, typer.Option(min=0, max=2, help="0: greedy (LLaMA-Factory's predict samples "
+                                                                  "with 0.95, top-p 0.7, top-k 50).")] = 0.0,
+    top_p: Annotated[Optional[float], typer.Option(min=0, max=1, help="Nucleus sampling.")] = None,  # noqa: UP045
+    top_k: Annotated[Optional[int], typer.Option(min=0, help="Top-k sampling (0: off).")] = None,  # noqa: UP045
+    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens per answer (LLaMA-Factory's max_new_tokens)."
+                                            )] = 1024,
+    seed: Annotated[Optional[int], typer.Option(help="Sampling seed, for reproducible sampled runs.")] = None,  # noqa: UP045
+    concurrency: Annotated[int, typer.Option(min=1, help="Most requests in flight (the engine batches them).")] = 16,
+    timeout: Annotated[float, typer.Option(min=1, help="Seconds one request may take.")] = 600.0,
+    progress: Annotated[bool, typer.Option(help="Progress bars on stderr.")] = True,
+) -> None:
+    """Offline eval like LLaMA-Factory's do_predict: every example through every model, BLEU-4 and ROUGE, a report.
+
+    Without --server, the gateway runs in this process with the serve flags (--model, --adapter, --demo, ...).
+    --api-key is sent with every request (with --server: the key that server requires).
+    """
+    import asyncio
+
+    from gateway.eval.metrics import missing_libraries
+
+    missing = missing_libraries()
+    if missing:
+        typer.echo(f"Error: gateway eval needs {', '.join(missing)}: pip install 'lora-gateway[eval]'", err=True)
+        raise typer.Exit(1)
+
+    from gateway.eval.datasets import DatasetError
+    from gateway.eval.job import EvalJob, run_job
+    from gateway.eval.runner import EvalError, Sampling
+
+    given = [flag for flag in server.given() if flag not in ("--api-key",)]
+    if server_url is not None and given:
+        raise typer.BadParameter(f"{', '.join(given)} start a gateway in this process; with --server, drop them",
+                                 param_hint="--server")
+    unused = [flag for flag in given if flag in ("--host", "--port")]
+    if unused:
+        raise typer.BadParameter("eval serves nothing on the network; drop it", param_hint=", ".join(unused))
+    job = EvalJob(
+        dataset=dataset, models=tuple(m.strip() for m in models.split(",") if m.strip()), out=out,
+        sampling=Sampling(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, seed=seed),
+        dataset_dir=dataset_dir, formatting=formatting, max_samples=max_samples, concurrency=concurrency,
+        settings=server.settings() if server_url is None else None, server=server_url,
+        api_key=server.values["api_key"], timeout=timeout, progress=progress,
+    )
+    try:
+        outcome = asyncio.run(run_job(job))
+    except DatasetError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--dataset") from None
+    except EvalError as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if outcome.skipped:
+        typer.echo(f"skipped {outcome.skipped} malformed examples (as LLaMA-Factory does)", err=True)
+    width = max(len(run.model) for run in outcome.runs)
+    typer.echo(f"{'model':<{width}}  bleu-4   rouge-1  rouge-2  rouge-l  examples/s")
+    for run in outcome.runs:
+        r = run.results()
+        typer.echo(f"{run.model:<{width}}  {r['predict_bleu-4']:7.2f}  {r['predict_rouge-1']:7.2f}  "
+                   f"{r['predict_rouge-2']:7.2f}  {r['predict_rouge-l']:7.2f}  {r['predict_samples_per_second']:10.2f}")
+    typer.echo(f"report: {outcome.report}")
 
 
 @demo_app.command("build")

@@ -72,3 +72,20 @@ def test_quick_start_commands_are_what_ci_runs() -> None:
     ci = (Path(__file__).parents[1] / ".ci" / "run").read_text(encoding="utf-8")
     assert "gateway serve --demo" in README
     assert "python -m pytest -q" in README and "python -m pytest -q" in ci
+
+
+def test_offline_eval_example(demo_server: str, tmp_path: Path) -> None:
+    (block,) = [b for b in _blocks("bash") if "gateway eval" in b]
+    # Run where the example writes its files (data/, saves/), with this checkout's code on the path.
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", _local(block, demo_server)], capture_output=True,
+                            text=True, timeout=300, cwd=tmp_path,
+                            env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                                 "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert result.returncode == 0, result.stderr
+    assert "tiny-qwen" in result.stdout and "pku-assistant" in result.stdout and "report.html" in result.stdout
+    scores = {m: json.loads((tmp_path / "saves" / "eval" / m / "predict_results.json").read_text())
+              for m in ("tiny-qwen", "pku-assistant")}
+    assert scores["pku-assistant"]["predict_rouge-l"] > scores["tiny-qwen"]["predict_rouge-l"]
+    lines = (tmp_path / "saves" / "eval" / "pku-assistant" / "generated_predictions.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["predict"] == "我是北大人工智能助手，由北京大学开发。很高兴为你服务！"
+    assert (tmp_path / "saves" / "eval" / "report.html").is_file()

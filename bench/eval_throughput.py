@@ -1,0 +1,65 @@
+"""``gateway eval`` throughput on the demo: examples one at a time vs concurrently (the engine batches them).
+
+The demo gateway in-process (as ``gateway eval --demo`` runs it), the 20-example identity set of the tests repeated
+``--repeat`` times, through ``tiny-qwen`` and ``pku-assistant`` (greedy, ``--max-tokens`` per answer), with 1 and
+with ``--concurrency`` requests in flight. The rate is examples (of all models) per second of wall time, best of
+``--runs`` (the CPU may be shared: noise only ever slows a run down). Target: concurrent >= 4x sequential.
+Prints a table, then ONE JSON line.
+Run: ``PYTHONPATH=. python -m bench.eval_throughput [--repeat 2] [--concurrency 16] [--max-tokens 32]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from pathlib import Path
+
+from gateway.eval.datasets import load_examples
+from gateway.eval.runner import Sampling, in_process_client, run_models
+from gateway.settings import Settings
+
+DATA = Path(__file__).parents[1] / "tests" / "gateway" / "data" / "eval"
+MODELS = ("tiny-qwen", "pku-assistant")
+
+
+async def measure(repeat: int, concurrency: int, max_tokens: int, runs: int) -> dict[str, float]:
+    examples, _ = load_examples("identity", DATA)
+    examples = examples * repeat
+    sampling = Sampling(temperature=0.0, max_tokens=max_tokens)
+    rates: dict[str, float] = {}
+    async with in_process_client(Settings.load(demo=True), timeout=600) as client:
+        await run_models(client, MODELS, examples[:4], sampling, concurrency, progress=False)  # warm-up
+        for label, bound in (("sequential", 1), ("concurrent", concurrency)):
+            best = 0.0
+            for _ in range(runs):
+                started = time.perf_counter()
+                await run_models(client, MODELS, examples, sampling, bound, progress=False)
+                best = max(best, len(examples) * len(MODELS) / (time.perf_counter() - started))
+            rates[label] = best
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--runs", type=int, default=2)
+    args = parser.parse_args()
+    rates = asyncio.run(measure(args.repeat, args.concurrency, args.max_tokens, args.runs))
+    examples = 20 * args.repeat * len(MODELS)
+    speedup = rates["concurrent"] / rates["sequential"]
+    print(f"{examples} examples ({len(MODELS)} models), max_tokens {args.max_tokens}")
+    print(f"sequential (1 in flight):            {rates['sequential']:7.2f} examples/s")
+    print(f"concurrent ({args.concurrency} in flight):          {rates['concurrent']:7.2f} examples/s")
+    print(f"speedup: {speedup:.2f}x (target >= 4x)")
+    print(json.dumps({"bench": "eval_throughput", "examples": examples, "max_tokens": args.max_tokens,
+                      "concurrency": args.concurrency, "sequential_examples_per_s": round(rates["sequential"], 2),
+                      "concurrent_examples_per_s": round(rates["concurrent"], 2), "speedup": round(speedup, 2),
+                      "target_met": speedup >= 4}))
+
+
+if __name__ == "__main__":
+    main()
