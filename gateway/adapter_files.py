@@ -109,7 +109,7 @@ def confine(path: str | Path, roots: Sequence[Path]) -> Path:
             _refuse_links_out(real, text, real_roots)
         return real
     if roots:
-        raise AdapterLoadError(f"adapter path {text!r} is not a folder inside the configured adapter roots",
+        raise AdapterLoadError(f"adapter path {text!r} is outside the configured adapter roots or does not exist",
                                param="path")
     raise AdapterLoadError(f"adapter path {text!r} does not exist", param="path")
 

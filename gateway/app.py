@@ -13,6 +13,7 @@ from gateway import __version__
 from gateway.boundary import BodyLimit, RequestBoundary
 from gateway.errors import install_error_handlers
 from gateway.loading import build_state
+from gateway.openapi import install_openapi
 from gateway.routes import adapters, admin, chat, completions, models
 from gateway.settings import Settings
 
@@ -35,6 +36,8 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
 
     app = FastAPI(title="lora-gateway", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
+    install_openapi(app, lambda: [t.name for t in app.state.gateway.adapters.targets()]
+                    if hasattr(app.state, "gateway") else [])
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestBoundary)  # added last: outermost, so it also sees the body limit's answers
     for module in (chat, completions, models, adapters, admin):

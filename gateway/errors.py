@@ -26,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 
 class GatewayError(Exception):
@@ -159,10 +160,21 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(InvalidRequest(message, param=param))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         error = GatewayError(str(exc.detail), code=_HTTP_CODES.get(exc.status_code))
         error.status_code = exc.status_code
         error.error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
         response = error_response(error)
-        response.headers.update(exc.headers or {})  # e.g. a 405's Allow
+        response.headers.update(exc.headers or {})
+        if exc.status_code == 405:  # Starlette's Allow names the first route of the path only: name them all
+            response.headers["Allow"] = ", ".join(_allowed_methods(request))
         return response
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return sorted(methods)

@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 import anyio
 from starlette.requests import Request
 
+LONG_TEXT = 4096  # characters; above this, tokenization lets other threads run (see ``encode``)
+
 
 class ServedTokenizer:
     def __init__(self, tokenizer: Any) -> None:
@@ -23,6 +25,10 @@ class ServedTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if self._backend is None:
             return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+        if len(text) > LONG_TEXT:
+            # The Rust ``encode`` holds the GIL throughout (a 1 MB text: 4 s in which no other thread, the event
+            # loop included, runs); ``encode_batch`` releases it and gives the same ids.
+            return list(self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
         return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def __getattr__(self, name: str) -> Any:

@@ -56,7 +56,8 @@ class ExplodingBackend:
 async def app_and_backend(demo_models: DemoModels) -> AsyncIterator[tuple[httpx.AsyncClient, ExplodingBackend]]:
     from transformers import AutoTokenizer
 
-    words = AutoTokenizer.from_pretrained(str(demo_models.base_dir)).encode("one two three four five six seven eight nine ten eleven twelve")
+    text = "one two three four five six seven eight nine ten eleven twelve"
+    words = AutoTokenizer.from_pretrained(str(demo_models.base_dir)).encode(text)
     backend = ExplodingBackend(tokens=tuple(words))
     app = create_app(Settings(model=str(demo_models.base_dir), served_model_name="tiny-qwen", template="qwen"),
                      backend=backend)  # type: ignore[arg-type]
