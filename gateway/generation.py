@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -14,6 +14,7 @@ from gateway.adapters import Lease
 from gateway.errors import InvalidRequest
 from gateway.protocol.common import SamplingFields
 from gateway.registry import Target
+from gateway.sampling_defaults import OPENAI_DEFAULTS, requested_or_default
 from gateway.state import GatewayState
 from gateway.streaming import TextPiece, stream_text
 
@@ -55,13 +56,16 @@ def completion_budget(state: GatewayState, prompt_tokens: int, requested: int | 
 
 
 def sampling_params(body: SamplingFields, max_tokens: int, stop: Sequence[str], stop_token_ids: Sequence[int],
-                    choice: int) -> SamplingParams:
+                    choice: int, defaults: Mapping[str, float | int] = OPENAI_DEFAULTS) -> SamplingParams:
+    """The engine's parameters for one choice; a field the request leaves out takes the model's ``defaults``
+    (``gateway.sampling_defaults``: request field name → value)."""
     seed = None if body.seed is None else body.seed + choice
+    values = requested_or_default(body, defaults)
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=body.top_k or 0,
+        temperature=1.0 if values["temperature"] is None else values["temperature"],
+        top_p=1.0 if values["top_p"] is None else values["top_p"],
+        top_k=values["top_k"] or 0,
         seed=seed,
         stop=tuple(stop),
         stop_token_ids=tuple(stop_token_ids),
@@ -84,6 +88,7 @@ def choice_streams(state: GatewayState, target: Target, prompt: PreparedPrompt, 
                    max_tokens: int) -> list[AsyncIterator[TextPiece]]:
     """One text stream per choice; each runs as its own sequence in the backend."""
     ids = stop_token_ids(state, prompt.stop)
+    defaults = state.policies.for_target(target).sampling.values
     streams = []
     for choice in range(n):
         request = GenerationRequest(
@@ -91,7 +96,7 @@ def choice_streams(state: GatewayState, target: Target, prompt: PreparedPrompt, 
             prompt_token_ids=prompt.token_ids,
             prompt_text=prompt.text,
             adapter=target.adapter,
-            sampling=sampling_params(body, max_tokens, prompt.stop, ids, choice),
+            sampling=sampling_params(body, max_tokens, prompt.stop, ids, choice, defaults),
         )
         streams.append(stream_text(state.backend.generate(request), state.tokenizer, prompt.stop))
     return streams

@@ -66,7 +66,8 @@ def test_system_and_developer_anywhere_join_the_system_prompt() -> None:
     rendered = prompt(messages)
     assert rendered.startswith(SYSTEM.format("S1\n\nS2"))
     assert rendered.endswith(user("Q2")) and "S2" not in rendered[len(SYSTEM.format("S1\n\nS2")):]
-    assert prompt([{"role": "developer", "content": "D"}, {"role": "user", "content": "Q"}]) == SYSTEM.format("D") + user("Q")
+    developer_first = [{"role": "developer", "content": "D"}, {"role": "user", "content": "Q"}]
+    assert prompt(developer_first) == SYSTEM.format("D") + user("Q")
 
 
 def test_text_parts_are_joined_on_every_role() -> None:
