@@ -153,4 +153,12 @@ async def build_state(settings: Settings, backend: Backend | None = None) -> Gat
     max_len = backend.capabilities.max_context or settings.max_model_len or int(tokenizer.model_max_length)
     return GatewayState(settings=settings, registry=registry, backend=backend, tokenizer=tokenizer,
                         max_model_len=max_len, adapters=pool,
-                        policies=ModelPolicies(settings, model_dir if local else None))
+                        policies=ModelPolicies(settings, _base_folder(settings, model_dir, local)))
+
+
+def _base_folder(settings: Settings, model_dir: Path, local: bool) -> Path | None:
+    """Where the base's generation_config.json and tokenizer chat template are read: its folder, or with an
+    upstream-only base, the --tokenizer folder."""
+    if local:
+        return model_dir
+    return Path(settings.tokenizer) if settings.tokenizer and Path(settings.tokenizer).is_dir() else None
