@@ -59,6 +59,12 @@ def server_settings(
         list[str], typer.Option(help="NAME=TEMPLATE: the chat template of one adapter (repeatable).")
     ] = [],  # noqa: B006
     template: Annotated[Optional[str], typer.Option(help=_help("template"))] = None,  # noqa: UP045
+    tool_policy: Annotated[Optional[str], typer.Option(help=_help("tool_policy"))] = None,  # noqa: UP045
+    adapter_tool_policy: Annotated[
+        list[str], typer.Option(help=_help("adapter_tool_policies") + " (repeatable)")
+    ] = [],  # noqa: B006
+    generation_config: Annotated[Optional[str], typer.Option(help=_help("generation_config"))] = None,  # noqa: UP045
+    history_overflow: Annotated[Optional[str], typer.Option(help=_help("history_overflow"))] = None,  # noqa: UP045
     backend: Annotated[Optional[str], typer.Option(help=_help("backend"))] = None,  # noqa: UP045
     upstream: Annotated[list[str], typer.Option(help=_help("upstream") + " (repeatable)")] = [],  # noqa: B006
     tokenizer: Annotated[Optional[str], typer.Option(help=_help("tokenizer"))] = None,  # noqa: UP045
@@ -94,6 +100,10 @@ def server_settings(
             model=model,
             adapters=adapter_configs(adapter, adapter_template),
             template=template,
+            tool_policy=tool_policy,
+            adapter_tool_policies=_pairs(adapter_tool_policy, "--adapter-tool-policy") or None,
+            generation_config=generation_config,
+            history_overflow=history_overflow,
             backend=backend,
             upstream=tuple(upstream) or None,
             tokenizer=tokenizer,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -14,6 +14,7 @@ from gateway.adapters import Lease
 from gateway.errors import InvalidRequest
 from gateway.protocol.common import SamplingFields
 from gateway.registry import Target
+from gateway.sampling_defaults import OPENAI_DEFAULTS, requested_or_default
 from gateway.state import GatewayState
 from gateway.streaming import TextPiece, stream_text
 
@@ -55,14 +56,17 @@ def completion_budget(state: GatewayState, prompt_tokens: int, requested: int | 
 
 
 def sampling_params(body: SamplingFields, max_tokens: int, stop: Sequence[str], stop_token_ids: Sequence[int],
-                    choice: int) -> SamplingParams:
+                    choice: int, defaults: Mapping[str, float | int] = OPENAI_DEFAULTS) -> SamplingParams:
+    """The engine's parameters for one choice; a field the request leaves out takes the model's ``defaults``
+    (``gateway.sampling_defaults``: request field name → value)."""
     # Choice i samples with seed + i, wrapped into the signed 64-bit range every engine takes.
     seed = None if body.seed is None else (body.seed + choice + 2**63) % 2**64 - 2**63
+    values = requested_or_default(body, defaults)
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=body.top_k or 0,
+        temperature=1.0 if values["temperature"] is None else values["temperature"],
+        top_p=1.0 if values["top_p"] is None else values["top_p"],
+        top_k=values["top_k"] or 0,
         seed=seed,
         stop=tuple(stop),
         stop_token_ids=tuple(stop_token_ids),
@@ -88,6 +92,7 @@ def choice_streams(state: GatewayState, target: Target, prompt: PreparedPrompt, 
         raise InvalidRequest(f"n is {n}, more choices than this server can queue (--max-queue "
                              f"{state.settings.max_queue})", param="n")
     ids = stop_token_ids(state, prompt.stop)
+    defaults = state.policies.for_target(target).sampling.values
     streams = []
     for choice in range(n):
         request = GenerationRequest(
@@ -95,7 +100,7 @@ def choice_streams(state: GatewayState, target: Target, prompt: PreparedPrompt, 
             prompt_token_ids=prompt.token_ids,
             prompt_text=prompt.text,
             adapter=target.adapter,
-            sampling=sampling_params(body, max_tokens, prompt.stop, ids, choice),
+            sampling=sampling_params(body, max_tokens, prompt.stop, ids, choice, defaults),
         )
         streams.append(stream_text(state.backend.generate(request), state.tokenizer, prompt.stop))
     return streams

@@ -12,6 +12,7 @@ from backends.base import Backend
 from gateway.adapter_files import BaseShapes
 from gateway.adapters import AdapterPool
 from gateway.errors import AdapterLoadError
+from gateway.model_policy import ModelPolicies
 from gateway.registry import Registry
 from gateway.settings import AdapterConfig, Settings, SettingsError
 from gateway.state import GatewayState
@@ -31,14 +32,19 @@ async def with_demo_models(settings: Settings) -> Settings:
 
     demo = await anyio.to_thread.run_sync(build_demo)
     configured = {a.name for a in settings.adapters}
+    # Tool policies from the demo's training data: render for a model trained with tools; the base (trained
+    # without) ignores them, the other adapters take the default for fine-tunes (auto: only with tool_choice).
+    tools = demo.trained_with_tools
     adapters = settings.adapters + tuple(
-        AdapterConfig(name=name, path=str(path)) for name, path in demo.adapters.items() if name not in configured
+        AdapterConfig(name=name, path=str(path), tool_policy="render" if tools.get(name) else "auto")
+        for name, path in demo.adapters.items() if name not in configured
     )
     return settings.model_copy(update={
         "model": str(demo.base_dir),
         "served_model_name": settings.served_model_name or DEMO_BASE_NAME,
         "template": settings.template or "qwen",
         "adapters": adapters,
+        "tool_policy": settings.tool_policy or ("render" if tools.get("base") else "ignore"),
     })
 
 
@@ -146,4 +152,13 @@ async def build_state(settings: Settings, backend: Backend | None = None) -> Gat
                  entry.template.source)
     max_len = backend.capabilities.max_context or settings.max_model_len or int(tokenizer.model_max_length)
     return GatewayState(settings=settings, registry=registry, backend=backend, tokenizer=tokenizer,
-                        max_model_len=max_len, adapters=pool)
+                        max_model_len=max_len, adapters=pool,
+                        policies=ModelPolicies(settings, _base_folder(settings, model_dir, local)))
+
+
+def _base_folder(settings: Settings, model_dir: Path, local: bool) -> Path | None:
+    """Where the base's generation_config.json and tokenizer chat template are read: its folder, or with an
+    upstream-only base, the --tokenizer folder."""
+    if local:
+        return model_dir
+    return Path(settings.tokenizer) if settings.tokenizer and Path(settings.tokenizer).is_dir() else None

@@ -17,12 +17,35 @@ class SettingsError(ValueError):
     """A setting is missing or wrong; the message is a sentence for the user."""
 
 
+ToolPolicy = Literal["auto", "render", "ignore"]
+GenerationConfigMode = Literal["auto", "none"]
+
+
+class SamplingDefaultsConfig(BaseModel):
+    """Sampling defaults for a model, used for the parameters a request leaves out (``sampling_defaults:``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+
+    def values(self) -> dict[str, float | int]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
 class AdapterConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(description="The name clients use as `model`.")
     path: str = Field(description="The LoRA folder (a LLaMA-Factory run folder or a checkpoint-N inside it).")
     template: str | None = Field(None, description="Chat template for this adapter; detected when unset.")
+    tool_policy: ToolPolicy | None = Field(None, description="What to do with a request's `tools` for this adapter "
+                                                             "(default: the base's --tool-policy).")
+    sampling_defaults: SamplingDefaultsConfig | None = Field(
+        None, description="Sampling defaults of this adapter, over its generation_config.json and the base's.")
 
 
 DEFAULT_MAX_ADAPTERS_WITH_ROOTS = 16  # r=8..64 adapters of a 7B model: well under 2 GB together
@@ -60,6 +83,21 @@ class Settings(BaseSettings):
     upstream_runtime_adapters: bool = Field(
         True, description="vLLM: load adapters it does not serve with /v1/load_lora_adapter."
     )
+    tool_policy: ToolPolicy | None = Field(None, description=(
+        "What to do with a request's `tools`, for the base and for adapters that set none: render (into the "
+        "prompt, as the template's tool format), ignore (render as if absent; header x-gateway-tools-ignored), or "
+        "auto (default: render for models known to be trained with tools, or when the request sets tool_choice)."))
+    adapter_tool_policies: dict[str, ToolPolicy] = Field({}, description=(
+        "NAME=POLICY: the tool policy of one adapter (configured, demo or under a root), over its config's."))
+    history_overflow: Literal["drop_oldest", "error"] = Field("drop_oldest", description=(
+        "A chat too long for the context: drop its oldest turns (keeping system messages and the last user "
+        "message; header x-gateway-messages-dropped), or answer 400 context_length_exceeded (error)."))
+    generation_config: GenerationConfigMode = Field("auto", description=(
+        "auto: a request that leaves out temperature, top_p, top_k, min_p or repetition_penalty gets the model's "
+        "generation_config.json values (an adapter folder's own file wins over the base's); none: OpenAI's "
+        "defaults (sampling_defaults from the config still apply)."))
+    sampling_defaults: SamplingDefaultsConfig | None = Field(
+        None, description="Sampling defaults of the base (and its adapters), over generation_config.json.")
     device: Device = Field("auto", description="Where the native backend runs: cuda, npu (torch-npu) or cpu.")
     dtype: DType = Field("auto", description="Weights dtype for the native backend (auto: bf16 on GPU, fp32 on CPU).")
     max_batch_size: int = Field(8, ge=1, description="Most sequences decoded together by the native engine.")

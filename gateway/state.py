@@ -7,6 +7,7 @@ from typing import Any
 
 from backends.base import Backend
 from gateway.adapters import AdapterPool
+from gateway.model_policy import ModelPolicies
 from gateway.registry import Registry
 from gateway.settings import Settings
 
@@ -19,4 +20,5 @@ class GatewayState:
     tokenizer: Any  # a transformers tokenizer
     max_model_len: int
     adapters: AdapterPool
+    policies: ModelPolicies
     unknown_fields_seen: set[str] = field(default_factory=set)

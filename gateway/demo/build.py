@@ -28,7 +28,7 @@ from pathlib import Path
 import platformdirs
 
 # Bump when the recipe changes in a way data.yaml does not show (code, architecture, file layout).
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 MARKER = "demo.json"
 
 
@@ -39,6 +39,8 @@ class DemoModels:
     root: Path
     base_dir: Path
     adapters: dict[str, Path] = field(default_factory=dict)
+    # Which models' training data had tools ("base" and each adapter name): the demo's tool policies follow it.
+    trained_with_tools: dict[str, bool] = field(default_factory=dict)
     build_seconds: float | None = None  # how long the build took; None when the cache was reused
 
     def to_json(self) -> dict[str, object]:
@@ -78,6 +80,7 @@ def _read(root: Path) -> DemoModels | None:
         root=root,
         base_dir=root / marker["base"],
         adapters={name: root / path for name, path in marker["adapters"].items()},
+        trained_with_tools=dict(marker.get("trained_with_tools", {})),
     )
 
 
@@ -187,6 +190,8 @@ def _build_into(work: Path, final_root: Path) -> None:
         "version": final_root.name,
         "base": "base",
         "adapters": {adapter.name: f"adapters/{adapter.name}" for adapter in data.adapters},
+        "trained_with_tools": {("base" if dataset is data.base else dataset.name): any(s.tools for s in dataset.samples)
+                               for dataset in data.datasets},
     }
     (work / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
 
@@ -220,4 +225,5 @@ def build_demo(root: Path | None = None, *, force: bool = False) -> DemoModels:
         built = _read(root)
         if built is None:
             raise RuntimeError(f"demo build finished but {root / MARKER} is unreadable")
-        return DemoModels(built.root, built.base_dir, built.adapters, build_seconds=time.perf_counter() - start)
+        return DemoModels(built.root, built.base_dir, built.adapters, built.trained_with_tools,
+                          build_seconds=time.perf_counter() - start)

@@ -40,13 +40,19 @@ def new_model(config: Qwen2Config, seed: int) -> Qwen2ForCausalLM:
     return model.float()
 
 
+# The demo's sampling defaults (what a request that sets no temperature gets): Qwen2.5-Instruct's values, which
+# the demo's trained answers survive (tests/gateway/test_openwebui.py samples them through the server).
+SAMPLING_DEFAULTS = {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
+
+
 def generation_config(*, im_end_id: int, endoftext_id: int) -> GenerationConfig:
-    """Greedy by default; generation stops at ``<|im_end|>`` (the chat eos) or ``<|endoftext|>``."""
+    """Sampling at ``SAMPLING_DEFAULTS``; generation stops at ``<|im_end|>`` (the chat eos) or ``<|endoftext|>``."""
     return GenerationConfig(
         eos_token_id=[im_end_id, endoftext_id],
         pad_token_id=endoftext_id,
-        do_sample=False,
+        do_sample=True,
         max_new_tokens=128,
+        **SAMPLING_DEFAULTS,
     )
 
 

@@ -54,6 +54,10 @@ class AdapterObject(BaseModel):
     in_flight: int = Field(description="Requests using it right now.")
     pinned: bool
     loads: int = Field(description="How many times it was loaded into the backend (evictions make it reload).")
+    tool_policy: Literal["auto", "render", "ignore"] = Field("auto", description="What it does with `tools`.")
+    tool_handling: str = Field("", description="When it renders a request's tools, and how we know.")
+    sampling_defaults: dict[str, float | int] = Field(
+        {}, description="What a request that leaves these sampling parameters out gets.")
 
 
 class AdapterList(BaseModel):

@@ -135,3 +135,5 @@ class RenderedChat(BaseModel):
     prompt: str = Field(description="The rendered prompt text.")
     token_ids: list[int] = Field(description="Prompt token ids, tokenized segment by segment as in training.")
     stop: list[str] = Field(description="Stop strings: the template's eos and stop words plus the request's.")
+    tools_ignored: int = Field(0, description="Tools the model's tool policy left out of the prompt.")
+    messages_dropped: int = Field(0, description="Oldest messages dropped to fit the context (--history-overflow).")

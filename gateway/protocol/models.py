@@ -18,6 +18,11 @@ class Model(BaseModel):
     template: str = Field(description="The chat template this model's prompts are rendered with.")
     template_source: str = Field(description="Why that template: which rule or file decided it.")
     max_model_len: int | None = None
+    tool_policy: Literal["auto", "render", "ignore"] = Field(
+        "auto", description="What this model does with a request's `tools` (see README: tool policy).")
+    tool_handling: str = Field("", description="When this model renders a request's tools, and how we know.")
+    sampling_defaults: dict[str, float | int] = Field(
+        {}, description="What a request that leaves these sampling parameters out gets.")
 
 
 class ModelList(BaseModel):

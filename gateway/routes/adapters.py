@@ -40,7 +40,8 @@ async def require_admin_key(request: Request) -> None:
 router = APIRouter(dependencies=[Depends(require_admin_key)])
 
 
-def describe(adapter: Adapter) -> AdapterObject:
+def describe(adapter: Adapter, state: GatewayState) -> AdapterObject:
+    policy = state.policies.for_model(adapter.name, adapter.info.path)
     return AdapterObject(
         id=adapter.name,
         path=str(adapter.info.path),
@@ -55,18 +56,21 @@ def describe(adapter: Adapter) -> AdapterObject:
         in_flight=adapter.in_flight,
         pinned=adapter.pinned,
         loads=adapter.loads,
+        tool_policy=policy.tools.policy,
+        tool_handling=policy.tools.summary,
+        sampling_defaults=dict(policy.sampling.values),
     )
 
 
 @router.get("/v1/adapters")
 async def list_adapters(state: GatewayState = Depends(gateway_state)) -> AdapterList:
-    return AdapterList(data=[describe(a) for a in state.adapters.catalog()])
+    return AdapterList(data=[describe(a, state) for a in state.adapters.catalog()])
 
 
 @router.post("/v1/adapters")
 async def load_adapter(body: LoadAdapterRequest, state: GatewayState = Depends(gateway_state)) -> AdapterObject:
     adapter = await state.adapters.load(body.name, body.path, template=body.template, base=body.base)
-    return describe(adapter)
+    return describe(adapter, state)
 
 
 @router.delete("/v1/adapters/{name:path}")

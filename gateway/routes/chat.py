@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from gateway.disconnects import while_connected
+from gateway.errors import InvalidRequest
 from gateway.generation import (
     PreparedPrompt,
     choice_streams,
@@ -20,6 +23,7 @@ from gateway.generation import (
     prepend,
     start_stream,
 )
+from gateway.history import MESSAGES_DROPPED_HEADER, fit_history
 from gateway.protocol.chat import (
     AssistantMessage,
     ChatCompletion,
@@ -41,6 +45,9 @@ from gateway.state import GatewayState
 from gateway.streaming import TextPiece
 from gateway.templates import OutputParser, ParsedDelta, encode_segments
 from gateway.tokenization import prepare_off_loop
+from gateway.tool_policy import TOOLS_IGNORED_HEADER
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
@@ -50,10 +57,26 @@ def enable_thinking(body: ChatCompletionRequest) -> bool | None:
     return None if value is None else bool(value)
 
 
-def render_chat(state: GatewayState, target: Target, body: ChatCompletionRequest) -> PreparedPrompt:
-    """The exact prompt ``target`` receives for this request."""
+def offers_tools(state: GatewayState, target: Target, body: ChatCompletionRequest) -> bool:
+    """Whether ``target``'s prompt shows the request's tools (its tool policy, and ``tool_choice: "none"``)."""
+    return state.policies.for_target(target).tools.offers_tools(body.tools, body.tool_choice)
+
+
+def ignored_tools(state: GatewayState, target: Target, body: ChatCompletionRequest) -> int:
+    """How many of the request's tools ``target``'s tool policy leaves out of the prompt (not counting
+    ``tool_choice: "none"``, which is the client's own choice)."""
+    if not body.tools or body.tool_choice == "none" or offers_tools(state, target, body):
+        return 0
+    return len(body.tools)
+
+
+def render_chat(state: GatewayState, target: Target, body: ChatCompletionRequest, *,
+                with_tools: bool | None = None) -> PreparedPrompt:
+    """The exact prompt ``target`` receives for this request (``with_tools=False``: as if it had no tools)."""
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
-    tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+    if with_tools is None:
+        with_tools = offers_tools(state, target, body)
+    tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools and with_tools else None
     tokenizer = state.tokenizer
     rendering = target.template.render(
         messages,
@@ -67,9 +90,73 @@ def render_chat(state: GatewayState, target: Target, body: ChatCompletionRequest
     return PreparedPrompt(text=rendering.prompt, token_ids=token_ids, stop=stops)
 
 
-def _parser(target: Target, body: ChatCompletionRequest) -> OutputParser:
-    tools_enabled = bool(body.tools) and body.tool_choice != "none"
-    return target.template.output_parser(tools_enabled=tools_enabled, enable_thinking=enable_thinking(body))
+def _parser(target: Target, body: ChatCompletionRequest, tools_offered: bool) -> OutputParser:
+    return target.template.output_parser(tools_enabled=tools_offered, enable_thinking=enable_thinking(body))
+
+
+def _check_tools_fit(state: GatewayState, target: Target, body: ChatCompletionRequest, prompt_tokens: int) -> None:
+    """When the rendered tools are what leaves no room for an answer, a 400 that says so and names the setting."""
+    if prompt_tokens < state.max_model_len:
+        return
+    without = len(render_chat(state, target, body, with_tools=False).token_ids)
+    if without >= state.max_model_len:
+        return  # too long even without the tools: the ordinary context error
+    assert body.tools is not None
+    raise InvalidRequest(
+        f"This model's maximum context length is {state.max_model_len} tokens, and the request's "
+        f"{len(body.tools)} tools take {prompt_tokens - without} of the prompt's {prompt_tokens} tokens. "
+        f"Send fewer tools, or have `{target.name}` ignore them: tool_policy ignore (--tool-policy ignore for the "
+        f"base, --adapter-tool-policy {target.name}=ignore for an adapter, or tool_policy: in the config file).",
+        param="tools",
+        code="context_length_exceeded",
+    )
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A request's prompt for one model, and what its policies left out of it."""
+
+    prompt: PreparedPrompt
+    tools_offered: bool
+    tools_ignored: int  # tools the model's tool policy left out
+    messages_dropped: int  # oldest messages dropped to fit the context (gateway.history)
+
+    def headers(self) -> dict[str, str]:
+        headers = {}
+        if self.tools_ignored:
+            headers[TOOLS_IGNORED_HEADER] = str(self.tools_ignored)
+        if self.messages_dropped:
+            headers[MESSAGES_DROPPED_HEADER] = str(self.messages_dropped)
+        return headers
+
+
+def prepare_chat(state: GatewayState, target: Target, body: ChatCompletionRequest) -> ChatPrompt:
+    """The prompt after the model's tool policy and, for a chat too long for the context, the history policy."""
+    tools_offered = offers_tools(state, target, body)
+    prompt = render_chat(state, target, body, with_tools=tools_offered)
+    dropped = 0
+    if len(prompt.token_ids) >= state.max_model_len:
+        if tools_offered:
+            _check_tools_fit(state, target, body, len(prompt.token_ids))
+        if state.settings.history_overflow == "drop_oldest":
+            fitted = fit_history(
+                body.messages,
+                lambda kept: render_chat(state, target, body.model_copy(update={"messages": kept}),
+                                         with_tools=tools_offered),
+                lambda candidate: len(candidate.token_ids),
+                max_len=state.max_model_len, wanted_room=body.completion_budget(), role=lambda m: m.role,
+            )
+            if fitted is not None:
+                prompt, dropped = fitted
+    return ChatPrompt(prompt, tools_offered, ignored_tools(state, target, body), dropped)
+
+
+def _log_policies(target: Target, chat: ChatPrompt) -> None:
+    if chat.tools_ignored:
+        log.info("%s: ignoring the request's %d tools (the model's tool policy)", target.name, chat.tools_ignored)
+    if chat.messages_dropped:
+        log.info("%s: dropped the %d oldest messages to fit the context (--history-overflow drop_oldest)",
+                 target.name, chat.messages_dropped)
 
 
 @router.post("/v1/chat/render")
@@ -77,27 +164,34 @@ async def render_chat_prompt(body: ChatCompletionRequest, request: Request,
                              state: GatewayState = Depends(gateway_state)) -> RenderedChat:
     """The exact prompt (text and token ids) ``body.model`` would receive, and why that template."""
     target = state.adapters.resolve(body.model)  # no need to load the adapter to render its prompt
-    prompt = await prepare_off_loop(request, render_chat, state, target, body)
+    chat = await prepare_off_loop(request, prepare_chat, state, target, body)
+    prompt = chat.prompt
     return RenderedChat(model=target.name, template=target.template.name, template_source=target.template_source,
-                        prompt=prompt.text, token_ids=list(prompt.token_ids), stop=list(prompt.stop))
+                        prompt=prompt.text, token_ids=list(prompt.token_ids), stop=list(prompt.stop),
+                        tools_ignored=chat.tools_ignored, messages_dropped=chat.messages_dropped)
 
 
 @router.post("/v1/chat/completions", response_model=None)
 async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request, state: GatewayState = Depends(gateway_state)
+    body: ChatCompletionRequest, request: Request, response: Response, state: GatewayState = Depends(gateway_state)
 ) -> JSONResponse | Any:
     note_unknown_fields(state, body)
     async with state.adapters.leased(body.model) as lease:
         target = lease.target
-        prompt = await prepare_off_loop(request, render_chat, state, target, body)
+        chat = await prepare_off_loop(request, prepare_chat, state, target, body)
+        prompt = chat.prompt
         max_tokens = completion_budget(state, len(prompt.token_ids), body.completion_budget())
         streams = choice_streams(state, target, prompt, body, body.n, max_tokens)
         completion_id = new_id("chatcmpl")
-        parsers = [_parser(target, body) for _ in range(body.n)]
+        parsers = [_parser(target, body, chat.tools_offered) for _ in range(body.n)]
+        _log_policies(target, chat)
+        response.headers.update(chat.headers())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             chunks = _stream_chunks(completion_id, body.model, len(prompt.token_ids), streams, parsers, include_usage)
-            return sse_response(await start_stream(lease, chunks))
+            streaming = sse_response(await start_stream(lease, chunks))
+            streaming.headers.update(chat.headers())  # FastAPI applies `response`'s headers to returned models only
+            return streaming
         return await while_connected(
             request, _complete(completion_id, body.model, len(prompt.token_ids), streams, parsers))
 

@@ -13,6 +13,7 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
 def describe(target: Target, state: GatewayState) -> Model:
+    policy = state.policies.for_target(target)
     return Model(
         id=target.name,
         created=target.created,
@@ -21,6 +22,9 @@ def describe(target: Target, state: GatewayState) -> Model:
         template=target.template.name,
         template_source=target.template_source,
         max_model_len=state.max_model_len,
+        tool_policy=policy.tools.policy,
+        tool_handling=policy.tools.summary,
+        sampling_defaults=dict(policy.sampling.values),
     )
 
 

@@ -21,6 +21,7 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from gateway.errors import InvalidRequest
+from gateway.templates.conversation import normalize_messages
 from gateway.templates.parsing import OutputParser
 from gateway.templates.rendering import Rendering, Segment
 from gateway.templates.spec import DEFAULT_THOUGHT_WORDS
@@ -119,13 +120,22 @@ class JinjaTemplate:
         bos_token: str | None = None,
         eos_token: str | None = None,
     ) -> Rendering:
-        """The prompt as transformers renders it; ``InvalidRequest`` when the template raises for this request."""
+        """The prompt as transformers renders it; ``InvalidRequest`` when the template raises for this request.
+
+        The template gets the messages with ``developer`` as ``system`` and text parts joined into strings (other
+        parts refused). A final plain assistant message is continued, as vLLM's ``continue_final_message`` does:
+        rendered without a generation prompt and cut right after that message's text."""
         bos = bos_token if bos_token is not None else self.bos_token
         eos = eos_token if eos_token is not None else self.eos_token
+        normalized = normalize_messages(messages)
+        last = normalized[-1] if normalized else {}
+        partial = last.get("content") or "" if last.get("role") == "assistant" and not last.get("tool_calls") else None
+        if partial == "":
+            normalized, partial = normalized[:-1], None  # nothing to continue: an ordinary generation prompt
         variables: dict[str, Any] = {
-            "messages": [dict(message) for message in messages],
+            "messages": normalized,
             "tools": [dict(tool) for tool in tools] if tools else None,
-            "add_generation_prompt": True,
+            "add_generation_prompt": partial is None,
             "bos_token": bos or "",
             "eos_token": eos or "",
         }
@@ -135,6 +145,12 @@ class JinjaTemplate:
             prompt = self._compiled.render(**variables)
         except jinja2.exceptions.TemplateError as exc:
             raise InvalidRequest(f"the model's chat template refused the request: {exc}", param="messages") from exc
+        if partial is not None:
+            end = prompt.rfind(partial)
+            if end < 0:
+                raise InvalidRequest("the model's chat template does not render the final assistant message as "
+                                     "given, so it cannot be continued", param=f"messages[{len(normalized) - 1}]")
+            prompt = prompt[: end + len(partial)]
         return Rendering(segments=(Segment("text", prompt),), stop=(eos,) if eos else ())
 
     def output_parser(self, *, tools_enabled: bool, enable_thinking: bool | None = None) -> OutputParser:

@@ -153,7 +153,8 @@ def render(
     bos_token: str | None = None,
     eos_token: str | None = None,
 ) -> Rendering:
-    """The generation prompt for ``conversation`` (which ends with a user or observation turn).
+    """The generation prompt for ``conversation``: after a final user or observation turn, the assistant prefix; after
+    a final assistant turn (``conversation.continues_final``), that answer's text with nothing after it.
 
     ``bos_token`` / ``eos_token`` are the tokenizer's; ``None`` means the tokenizer has none (LLaMA-Factory then
     adds ``<|endoftext|>`` as eos). With ``replace_eos`` the eos is the template's first stop word.
@@ -162,6 +163,7 @@ def render(
     eos = spec.eos_token(eos_token)
     thinking = spec.enable_thinking if enable_thinking is None else enable_thinking
     turns = list(conversation.turns)
+    partial = turns.pop().content if conversation.continues_final else None
     if spec.reasoning:
         # History answers lose their thoughts (LLaMA-Factory's default preserve_thinking=False).
         turns = [replace(t, content=remove_thought(spec, t.content)) if i % 2 == 1 else t for i, t in enumerate(turns)]
@@ -187,6 +189,8 @@ def render(
     opens, closes = (word.strip() for word in spec.thought_words)
     if spec.reasoning and not thinking and opens and closes:
         segments.append(Segment("text", empty_thought(spec)))
+    if partial:
+        segments.append(Segment("text", partial))  # continued as it stands: no end-of-turn, no new header
     return Rendering(segments=tuple(segments), stop=spec.stop(eos_token))
 
 

@@ -105,7 +105,12 @@ def test_matches_llama_factory_on_hard_conversations(case: dict[str, Any]) -> No
     rendering = render()
     # The Llama 3 tool prompt carries the day it is rendered on.
     today = datetime.now().strftime("%d %b %Y")
-    expected = json.loads(json.dumps(case["segments"], ensure_ascii=False).replace(data["oracle_date"], today))
+    expected_text = json.dumps(case["segments"], ensure_ascii=False).replace(data["oracle_date"], today)
+    if case["conversation"] == "system_multi_parts":
+        # Our one deviation: LLaMA-Factory's API server keeps only a system message's first text part; we keep all
+        # parts (OpenAI semantics). The oracle's system text is "First."; ours is both parts.
+        expected_text = expected_text.replace("First.", "First. Second.")
+    expected = json.loads(expected_text)
     assert _segments(rendering) == expected
     assert rendering.prompt == "".join(text for _, text in expected)
     assert list(rendering.stop) == case["stop"]
