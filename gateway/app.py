@@ -12,7 +12,7 @@ from backends.base import Backend
 from gateway import __version__
 from gateway.errors import install_error_handlers
 from gateway.loading import build_state
-from gateway.routes import adapters, admin, chat, completions, models
+from gateway.routes import adapters, admin, chat, compare, completions, feedback, models, pages, routes
 from gateway.settings import Settings
 
 
@@ -30,10 +30,12 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
         try:
             yield
         finally:
+            await state.feedback.aclose()
             await state.backend.aclose()
 
     app = FastAPI(title="lora-gateway", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
-    for module in (chat, completions, models, adapters, admin):
+    for module in (chat, completions, models, adapters, admin, compare, feedback, routes, pages):
         app.include_router(module.router)
+    app.mount("/web", pages.static_files(), name="web")
     return app

@@ -6,9 +6,10 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
+from gateway.experiments.hooks import observe, resolve_route
 from gateway.generation import (
     PreparedPrompt,
     choice_streams,
@@ -65,7 +66,7 @@ def render_chat(state: GatewayState, target: Target, body: ChatCompletionRequest
     return PreparedPrompt(text=rendering.prompt, token_ids=token_ids, stop=stops)
 
 
-def _parser(target: Target, body: ChatCompletionRequest) -> OutputParser:
+def output_parser(target: Target, body: ChatCompletionRequest) -> OutputParser:
     tools_enabled = bool(body.tools) and body.tool_choice != "none"
     return target.template.output_parser(tools_enabled=tools_enabled, enable_thinking=enable_thinking(body))
 
@@ -81,21 +82,27 @@ async def render_chat_prompt(body: ChatCompletionRequest, state: GatewayState = 
 
 @router.post("/v1/chat/completions", response_model=None)
 async def create_chat_completion(
-    body: ChatCompletionRequest, state: GatewayState = Depends(gateway_state)
+    body: ChatCompletionRequest, request: Request, response: Response, state: GatewayState = Depends(gateway_state)
 ) -> JSONResponse | Any:
     note_unknown_fields(state, body)
-    async with state.adapters.leased(body.model) as lease:
+    resolution = resolve_route(state, body, request)  # a route becomes one of its variants before the lease
+    async with state.adapters.leased(resolution.model) as lease:
         target = lease.target
         prompt = render_chat(state, target, body)
         max_tokens = completion_budget(state, len(prompt.token_ids), body.completion_budget())
-        streams = choice_streams(state, target, prompt, body, body.n, max_tokens)
         completion_id = new_id("chatcmpl")
-        parsers = [_parser(target, body) for _ in range(body.n)]
+        observation = observe(state, completion_id, "chat", resolution, body, prompt)
+        streams = observation.watch(choice_streams(state, target, prompt, body, body.n, max_tokens))
+        parsers = [output_parser(target, body) for _ in range(body.n)]
+        model = resolution.public_model
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            chunks = _stream_chunks(completion_id, body.model, len(prompt.token_ids), streams, parsers, include_usage)
-            return sse_response(await start_stream(lease, chunks))
-        return await _complete(completion_id, body.model, len(prompt.token_ids), streams, parsers)
+            chunks = stream_chunks(completion_id, model, len(prompt.token_ids), streams, parsers, include_usage)
+            streaming = sse_response(await start_stream(lease, chunks))
+            streaming.headers.update(resolution.headers())
+            return streaming
+        response.headers.update(resolution.headers())
+        return await complete(completion_id, model, len(prompt.token_ids), streams, parsers)
 
 
 def _tool_calls(parsed: ParsedDelta) -> list[ToolCallBody] | None:
@@ -106,7 +113,7 @@ def _tool_calls(parsed: ParsedDelta) -> list[ToolCallBody] | None:
     ]
 
 
-async def _complete(completion_id: str, model: str, prompt_tokens: int, streams: list[AsyncIterator[TextPiece]],
+async def complete(completion_id: str, model: str, prompt_tokens: int, streams: list[AsyncIterator[TextPiece]],
                     parsers: list[OutputParser]) -> ChatCompletion:
     content = [""] * len(streams)
     reasoning = [""] * len(streams)
@@ -155,7 +162,7 @@ def _delta_chunk(base: dict[str, Any], index: int, parsed: ParsedDelta, finish: 
     return ChatCompletionChunk(**base, choices=[ChunkChoice(index=index, delta=delta, finish_reason=finish)])
 
 
-async def _stream_chunks(completion_id: str, model: str, prompt_tokens: int, streams: list[AsyncIterator[TextPiece]],
+async def stream_chunks(completion_id: str, model: str, prompt_tokens: int, streams: list[AsyncIterator[TextPiece]],
                          parsers: list[OutputParser], include_usage: bool) -> AsyncIterator[ChatCompletionChunk]:
     base: dict[str, Any] = {"id": completion_id, "created": int(time.time()), "model": model}
     pieces = merge_streams(streams)
