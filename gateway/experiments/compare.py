@@ -73,7 +73,10 @@ def _result(contestant: Contestant, observation: Observation | None, prompt: str
 
 
 def _chat_body(body: CompareRequest, contestant: Contestant) -> ChatCompletionRequest:
-    fields = body.model_dump(exclude={"models", "blind", "model"}, exclude_unset=True)
+    fields = body.model_dump(exclude={"models", "blind", "model", "model_messages"}, exclude_unset=True)
+    own = (body.model_messages or {}).get(contestant.label)
+    if own is not None:
+        fields["messages"] = [m.model_dump(exclude_none=True) for m in own]
     return ChatCompletionRequest.model_validate({**fields, "model": contestant.resolution.model})
 
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from gateway.protocol.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
+from gateway.protocol.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage
 from gateway.settings import RouteConfig
 
 # --- POST /v1/compare ---------------------------------------------------------------------------------------------
@@ -20,6 +20,9 @@ class CompareRequest(ChatCompletionRequest):
     models: list[str] = Field(default_factory=list, max_length=8, description=(
         "Served models or routes to ask (each once). With `blind`, the pool two anonymous contestants are drawn "
         "from (default: every served model)."))
+    model_messages: dict[str, list[ChatMessage]] | None = Field(None, description=(
+        "Messages for one model instead of `messages`: a multi-turn comparison where each model sees its own "
+        "earlier answers. Keys must be listed in `models`."))
     blind: bool = Field(False, description=(
         "Arena mode: two models drawn at random answer as `A` and `B`; names, variants and prompts stay hidden "
         "until a vote on the two response ids reveals them."))
@@ -32,6 +35,11 @@ class CompareRequest(ChatCompletionRequest):
             raise ValueError("models: name at least one model to compare")
         if len(set(self.models)) != len(self.models):
             raise ValueError("models: each model once")
+        unknown = sorted(set(self.model_messages or {}) - set(self.models))
+        if unknown:
+            raise ValueError(f"model_messages: {', '.join(unknown)} not in models")
+        if self.blind and self.model_messages:
+            raise ValueError("model_messages: not with blind (the models are not known to the client)")
         if self.n != 1:
             raise ValueError("n: compare runs one choice per model")
         return self
