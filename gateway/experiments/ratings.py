@@ -86,7 +86,10 @@ def _bradley_terry(battles: Sequence[Battle], rounds: int, seed: int) -> list[Ra
     schedule = np.array([(index[b.model_a], index[b.model_b], int(2 * _OUTCOME[b.outcome])) for b in battles])
     rows, counts = np.unique(schedule, axis=0, return_counts=True)
     matchups, outcomes, weights = rows[:, :2], rows[:, 2] / 2.0, counts.astype(np.float64)
-    ratings = _fit(matchups, outcomes, weights, len(models))
+    # Weights as shares of the battles, in the point fit as in the bootstrap fits (FastChat's compute_bt passes raw
+    # counts): the same maximum, and the same stopping rule, so an undefeated model's rating (no finite maximum)
+    # stops where its bootstrap ratings stop instead of beyond them.
+    ratings = _fit(matchups, outcomes, weights / len(battles), len(models))
     low, high = ratings.copy(), ratings.copy()
     if rounds > 0:
         draws = np.random.default_rng(seed).multinomial(len(battles), weights / weights.sum(), size=rounds)
