@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -21,12 +22,14 @@ from fastapi import Request
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.experiments.hooks import observe, resolve_route
 from gateway.experiments.recording import Observation
-from gateway.experiments.routing import Resolution
-from gateway.generation import choice_streams, completion_budget, merge_streams, new_id
+from gateway.experiments.routing import VARIANT_HEADER, Resolution
+from gateway.generation import PreparedPrompt, choice_streams, completion_budget, merge_streams, new_id
 from gateway.protocol.chat import ChatCompletionRequest
 from gateway.protocol.experiments import CompareEvent, CompareMetrics, CompareRequest, CompareResponse, CompareResult
 from gateway.routes.chat import complete, output_parser, render_chat, stream_chunks
 from gateway.state import GatewayState
+from gateway.streaming import TextPiece
+from gateway.templates import OutputParser
 
 SLOTS = ("A", "B")
 
@@ -56,20 +59,38 @@ def contestants(state: GatewayState, body: CompareRequest, request: Request | No
     return chosen
 
 
-def _result(contestant: Contestant, observation: Observation | None, prompt: str | None) -> CompareResult:
-    blind = contestant.blind
-    metrics = None
-    if observation is not None and observation.latency_s is not None:
-        metrics = CompareMetrics(ttft_s=observation.ttft_s, total_s=observation.latency_s,
-                                 tokens_per_s=observation.tokens_per_s, prompt_tokens=observation.prompt_tokens,
-                                 completion_tokens=observation.completion_tokens)
-    return CompareResult(
-        model=contestant.label,
-        variant=None if blind else contestant.resolution.headers().get("x-gateway-variant"),
-        response_id=observation.response_id if observation is not None else None,
-        prompt=None if blind else prompt,
-        metrics=metrics,
-    )
+@dataclass(frozen=True)
+class Run:
+    """One contestant's generation, started: its chat request, prompt, observation, streams and parser."""
+
+    contestant: Contestant
+    chat: ChatCompletionRequest
+    prompt: PreparedPrompt
+    observation: Observation
+    streams: list[AsyncIterator[TextPiece]]
+    parser: OutputParser
+
+    @property
+    def model(self) -> str:
+        """The ``model`` of its completion: the slot in blind mode, else what the chat endpoint would say."""
+        c = self.contestant
+        return c.label if c.blind else c.resolution.public_model
+
+    def result(self) -> CompareResult:
+        """Its result without the completion (figures complete once the streams ended)."""
+        blind, observation = self.contestant.blind, self.observation
+        metrics = None
+        if observation.latency_s is not None:
+            metrics = CompareMetrics(ttft_s=observation.ttft_s, total_s=observation.latency_s,
+                                     tokens_per_s=observation.tokens_per_s, prompt_tokens=observation.prompt_tokens,
+                                     completion_tokens=observation.completion_tokens)
+        return CompareResult(
+            model=self.contestant.label,
+            variant=None if blind else self.contestant.resolution.headers().get(VARIANT_HEADER),
+            response_id=observation.response_id,
+            prompt=None if blind else self.prompt.text,
+            metrics=metrics,
+        )
 
 
 def _chat_body(body: CompareRequest, contestant: Contestant) -> ChatCompletionRequest:
@@ -80,29 +101,31 @@ def _chat_body(body: CompareRequest, contestant: Contestant) -> ChatCompletionRe
     return ChatCompletionRequest.model_validate({**fields, "model": contestant.resolution.model})
 
 
-def _public_model(contestant: Contestant) -> str:
-    return contestant.label if contestant.blind else contestant.resolution.public_model
+@asynccontextmanager
+async def running(state: GatewayState, body: CompareRequest, contestant: Contestant) -> AsyncIterator[Run]:
+    """The contestant's generation, started as the chat endpoint starts one, its adapter leased for the block."""
+    chat = _chat_body(body, contestant)
+    async with state.adapters.leased(contestant.resolution.model) as lease:
+        prompt = render_chat(state, lease.target, chat)
+        max_tokens = completion_budget(state, len(prompt.token_ids), chat.completion_budget())
+        observation = observe(state, new_id("chatcmpl"), "compare", contestant.resolution, chat, prompt)
+        streams = observation.watch(choice_streams(state, lease.target, prompt, chat, 1, max_tokens))
+        yield Run(contestant, chat, prompt, observation, streams, output_parser(lease.target, chat))
+
+
+def _failed(contestant: Contestant, exc: GatewayError) -> CompareResult:
+    return CompareResult(model=contestant.label, error=exc.body()["error"])
 
 
 async def answer(state: GatewayState, body: CompareRequest, contestant: Contestant) -> CompareResult:
     """One model's full answer with its figures; a failure becomes the result's ``error``."""
-    chat = _chat_body(body, contestant)
-    observation: Observation | None = None
-    prompt_text = None
     try:
-        async with state.adapters.leased(contestant.resolution.model) as lease:
-            prompt = render_chat(state, lease.target, chat)
-            prompt_text = prompt.text
-            max_tokens = completion_budget(state, len(prompt.token_ids), chat.completion_budget())
-            observation = observe(state, new_id("chatcmpl"), "compare", contestant.resolution, chat, prompt)
-            streams = observation.watch(choice_streams(state, lease.target, prompt, chat, 1, max_tokens))
-            completion = await complete(observation.response_id, _public_model(contestant), len(prompt.token_ids),
-                                        streams, [output_parser(lease.target, chat)])
+        async with running(state, body, contestant) as run:
+            completion = await complete(run.observation.response_id, run.model, len(run.prompt.token_ids),
+                                        run.streams, [run.parser])
     except GatewayError as exc:
-        failed = _result(contestant, observation, prompt_text)
-        failed.error = exc.body()["error"]
-        return failed
-    result = _result(contestant, observation, prompt_text)
+        return _failed(contestant, exc)
+    result = run.result()
     result.completion = completion
     return result
 
@@ -113,28 +136,18 @@ async def compare(state: GatewayState, body: CompareRequest, chosen: list[Contes
 
 
 async def _events(state: GatewayState, body: CompareRequest, contestant: Contestant) -> AsyncIterator[CompareEvent]:
-    chat = _chat_body(body, contestant)
     label, index = contestant.label, contestant.index
-    observation: Observation | None = None
-    prompt_text = None
     try:
-        async with state.adapters.leased(contestant.resolution.model) as lease:
-            prompt = render_chat(state, lease.target, chat)
-            prompt_text = prompt.text
-            max_tokens = completion_budget(state, len(prompt.token_ids), chat.completion_budget())
-            observation = observe(state, new_id("chatcmpl"), "compare", contestant.resolution, chat, prompt)
-            streams = observation.watch(choice_streams(state, lease.target, prompt, chat, 1, max_tokens))
-            include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-            chunks = stream_chunks(observation.response_id, _public_model(contestant), len(prompt.token_ids),
-                                   streams, [output_parser(lease.target, chat)], include_usage)
+        async with running(state, body, contestant) as run:
+            include_usage = bool(run.chat.stream_options and run.chat.stream_options.include_usage)
+            chunks = stream_chunks(run.observation.response_id, run.model, len(run.prompt.token_ids), run.streams,
+                                   [run.parser], include_usage)
             async for chunk in chunks:
                 yield CompareEvent(model=label, index=index, chunk=chunk)
     except GatewayError as exc:
-        failed = _result(contestant, observation, prompt_text)
-        failed.error = exc.body()["error"]
-        yield CompareEvent(model=label, index=index, result=failed)
+        yield CompareEvent(model=label, index=index, result=_failed(contestant, exc))
         return
-    yield CompareEvent(model=label, index=index, result=_result(contestant, observation, prompt_text))
+    yield CompareEvent(model=label, index=index, result=run.result())
 
 
 async def compare_stream(state: GatewayState, body: CompareRequest, chosen: list[Contestant]

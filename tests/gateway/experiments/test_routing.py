@@ -98,3 +98,17 @@ def test_the_command_line_form() -> None:
 def test_bad_command_line_forms_are_refused(text: str) -> None:
     with pytest.raises(ValueError):
         parse_route(text)
+
+
+async def test_routes_are_checked_against_the_served_models_at_start(demo_models: object, demo_cache_home: object,
+                                                                     tmp_path: object,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.loading import build_state
+    from gateway.settings import Settings, SettingsError
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(demo_cache_home))
+    for routes, message in [({"bot": RouteConfig(variants={"pku-assistant": 1, "nope": 1})}, "not a served model"),
+                            ({"tiny-qwen": RouteConfig(variants={"pku-assistant": 1})}, "already has that name")]:
+        settings = Settings.load(demo=True, routes=routes, feedback_db=":memory:")
+        with pytest.raises(SettingsError, match=message):
+            await build_state(settings)
