@@ -114,7 +114,7 @@ def _tool_calls(parsed: ParsedDelta) -> list[ToolCallBody] | None:
 
 
 async def complete(completion_id: str, model: str, prompt_tokens: int, streams: list[AsyncIterator[TextPiece]],
-                    parsers: list[OutputParser]) -> ChatCompletion:
+                   parsers: list[OutputParser]) -> ChatCompletion:
     content = [""] * len(streams)
     reasoning = [""] * len(streams)
     finish: list[Any] = [None] * len(streams)
@@ -163,7 +163,7 @@ def _delta_chunk(base: dict[str, Any], index: int, parsed: ParsedDelta, finish: 
 
 
 async def stream_chunks(completion_id: str, model: str, prompt_tokens: int, streams: list[AsyncIterator[TextPiece]],
-                         parsers: list[OutputParser], include_usage: bool) -> AsyncIterator[ChatCompletionChunk]:
+                        parsers: list[OutputParser], include_usage: bool) -> AsyncIterator[ChatCompletionChunk]:
     base: dict[str, Any] = {"id": completion_id, "created": int(time.time()), "model": model}
     pieces = merge_streams(streams)
     first = await anext(pieces)  # the backend has accepted the request (or raised) before any byte is sent
