@@ -7,12 +7,13 @@ thread, never on the event loop.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -106,6 +107,7 @@ CREATE TABLE IF NOT EXISTS votes (
 """
 _COLUMNS = ("id", "created", "endpoint", "route", "model", "prompt_hash", "sampling", "status", "latency_s", "ttft_s",
             "prompt_tokens", "completion_tokens", "error", "prompt", "output")
+_INSERT = f"INSERT OR REPLACE INTO responses ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 
 
 def default_path() -> Path:
@@ -123,6 +125,8 @@ class SQLiteFeedbackStore:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._connection = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
         self._lock = threading.Lock()
+        self._pending: list[tuple[list[Any], asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
         self._connection.execute("PRAGMA journal_mode=WAL")
         self._connection.execute("PRAGMA synchronous=NORMAL")
         self._connection.executescript(_SCHEMA)
@@ -139,11 +143,43 @@ class SQLiteFeedbackStore:
         return await anyio.to_thread.run_sync(locked)
 
     async def record(self, response: ResponseRecord) -> None:
-        row = asdict(response)
-        row["sampling"] = json.dumps(row["sampling"], sort_keys=True)
-        values = [row[c] for c in _COLUMNS]
-        sql = f"INSERT OR REPLACE INTO responses ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
-        await self._run(lambda db: db.execute(sql, values))
+        """Returns once the record is committed. Records that arrive while a write runs are committed together by
+        the next one (group commit: one thread hop and one transaction for a burst of responses)."""
+        values = [getattr(response, c) for c in _COLUMNS]
+        values[_COLUMNS.index("sampling")] = json.dumps(response.sampling, sort_keys=True)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((values, future))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_pending())
+        await future
+
+    async def _write_pending(self) -> None:
+        def insert(rows: list[list[Any]]) -> Callable[[sqlite3.Connection], None]:
+            def work(db: sqlite3.Connection) -> None:
+                db.execute("BEGIN")
+                try:
+                    db.executemany(_INSERT, rows)
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+            return work
+
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    await self._run(insert([values for values, _ in batch]))
+                except Exception as exc:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                else:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_result(None)
+        finally:
+            self._writer = None
 
     async def find(self, ids: Sequence[str]) -> dict[str, ResponseRecord]:
         wanted = list(dict.fromkeys(ids))
@@ -185,4 +221,6 @@ class SQLiteFeedbackStore:
         return [Served(*row) for row in rows]
 
     async def aclose(self) -> None:
+        if self._writer is not None:
+            await self._writer
         await self._run(lambda db: db.close())
