@@ -141,6 +141,31 @@ def test_a_model_that_fails_while_running_gets_its_own_error(server: str) -> Non
     assert IDENTITY["pku-assistant"] in answered["completion"]["choices"][0]["message"]["content"]
 
 
+def test_blind_compare_hides_the_contestants_until_the_vote(server: str) -> None:
+    served = [m["id"] for m in httpx.get(f"{server}/v1/models").json()["data"] if m["id"] not in ROUTES]
+    pool = ["tiny-qwen", "pku-assistant", "cat-assistant"]
+    body = {"blind": True, "models": pool, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    plain = post(server, "/v1/compare", body)
+    streamed, lines = sse(server, "/v1/compare", {**body, "stream": True})
+    for text in (plain.text, "\n".join(lines)):
+        assert not any(name in text for name in served), text
+    results = plain.json()["results"]
+    assert [r["model"] for r in results] == ["A", "B"]
+    assert all(r["prompt"] is None and r["variant"] is None and r["completion"]["model"] == r["model"]
+               for r in results)
+    events = [json.loads(line) for line in lines[:-1]]
+    assert {e["model"] for e in events} == {"A", "B"}
+    ids = [r["response_id"] for r in results]
+    vote = post(server, "/v1/feedback", {"response_ids": ids, "outcome": "tie"}).json()
+    revealed = [r["model"] for r in vote["revealed"]]
+    assert len(set(revealed)) == 2 and set(revealed) <= set(pool)
+    assert post(server, "/v1/compare", {**body, "models": ["tiny-qwen"]}).status_code == 400
+    assert post(server, "/v1/compare", {**body, "model_messages": {"A": WHO}}).status_code == 400
+    unknown = post(server, "/v1/compare", {"models": ["tiny-qwen"], "messages": WHO,
+                                           "model_messages": {"pku-assistant": WHO}})
+    assert unknown.status_code == 400 and "model_messages" in unknown.json()["error"]["message"]
+
+
 # --- routes -----------------------------------------------------------------------------------------------------
 
 
