@@ -14,7 +14,7 @@ from gateway.boundary import BodyLimit, RequestBoundary
 from gateway.errors import install_error_handlers
 from gateway.loading import build_state
 from gateway.openapi import install_openapi
-from gateway.routes import adapters, admin, chat, completions, models
+from gateway.routes import adapters, admin, chat, compare, completions, feedback, models, pages, routes
 from gateway.settings import Settings
 
 
@@ -32,6 +32,7 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
         try:
             yield
         finally:
+            await state.feedback.aclose()
             await state.backend.aclose()
 
     app = FastAPI(title="lora-gateway", version=__version__, lifespan=lifespan)
@@ -40,6 +41,7 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
                     if hasattr(app.state, "gateway") else [])
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestBoundary)  # added last: outermost, so it also sees the body limit's answers
-    for module in (chat, completions, models, adapters, admin):
+    for module in (chat, completions, models, adapters, admin, compare, feedback, routes, pages):
         app.include_router(module.router)
+    app.mount("/web", pages.static_files(), name="web")
     return app

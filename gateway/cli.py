@@ -13,7 +13,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from gateway.settings import AdapterConfig, Settings, SettingsError
+from gateway.experiments.routing import parse_route
+from gateway.settings import AdapterConfig, RouteConfig, Settings, SettingsError
 from gateway.templates.cli import template_app
 
 app = typer.Typer(help="lora-gateway: serve LoRA fine-tunes with the template they were trained with.",
@@ -50,6 +51,19 @@ def adapter_configs(adapters: list[str], templates: list[str]) -> tuple[AdapterC
     if not paths:
         return None
     return tuple(AdapterConfig(name=n, path=p, template=chosen.get(n)) for n, p in paths.items())
+
+
+def route_configs(values: list[str]) -> dict[str, RouteConfig] | None:
+    routes: dict[str, RouteConfig] = {}
+    for value in values:
+        try:
+            name, config = parse_route(value)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--route") from None
+        if name in routes:
+            raise typer.BadParameter(f"{name!r} given twice", param_hint="--route")
+        routes[name] = config
+    return routes or None
 
 
 def server_settings(
@@ -91,6 +105,11 @@ def server_settings(
         bool, typer.Option("--allow-unsafe-adapters", help=_help("allow_unsafe_adapters"))
     ] = False,
     admin_key: Annotated[Optional[str], typer.Option(help=_help("admin_key"))] = None,  # noqa: UP045
+    route: Annotated[list[str], typer.Option(help=_help("routes") + " (repeatable)")] = [],  # noqa: B006
+    feedback_db: Annotated[Optional[str], typer.Option(help=_help("feedback_db"))] = None,  # noqa: UP045
+    feedback_store_text: Annotated[
+        bool, typer.Option("--feedback-store-text", help=_help("feedback_store_text"))
+    ] = False,
     config: Annotated[Optional[Path], typer.Option(help="YAML file with settings (flags win).")] = None,  # noqa: UP045
 ) -> Settings:
     """The gateway's settings from the ``serve`` flags (the parameters here); a bad one is a usage error."""
@@ -126,6 +145,9 @@ def server_settings(
             pins=tuple(pin) or None,
             allow_unsafe_adapters=allow_unsafe_adapters or None,
             admin_key=admin_key,
+            routes=route_configs(route),
+            feedback_db=feedback_db,
+            feedback_store_text=feedback_store_text or None,
         )
     except SettingsError as exc:
         raise typer.BadParameter(str(exc)) from None

@@ -106,15 +106,16 @@ def choice_streams(state: GatewayState, target: Target, prompt: PreparedPrompt, 
     return streams
 
 
-async def merge_streams(streams: list[AsyncIterator[TextPiece]]) -> AsyncIterator[tuple[int, TextPiece]]:
-    """Interleave several choice streams as pieces arrive, tagged with the choice index."""
+async def merge_streams(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Interleave several streams (the choices of a request, the models of a compare) as items arrive, tagged with
+    the stream's index."""
     if len(streams) == 1:
         async for piece in streams[0]:
             yield 0, piece
         return
-    queue: asyncio.Queue[tuple[int, TextPiece | BaseException | None]] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[int, T | BaseException | None]] = asyncio.Queue()
 
-    async def pump(index: int, stream: AsyncIterator[TextPiece]) -> None:
+    async def pump(index: int, stream: AsyncIterator[T]) -> None:
         try:
             async for piece in stream:
                 await queue.put((index, piece))

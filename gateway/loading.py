@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,9 @@ import anyio
 from backends.base import Backend
 from gateway.adapter_files import BaseShapes
 from gateway.adapters import AdapterPool
-from gateway.errors import AdapterLoadError
+from gateway.errors import AdapterLoadError, GatewayError
+from gateway.experiments.routing import RouteTable, check_route
+from gateway.experiments.store import SQLiteFeedbackStore, default_path
 from gateway.model_policy import ModelPolicies
 from gateway.registry import Registry
 from gateway.settings import AdapterConfig, Settings, SettingsError
@@ -151,8 +154,14 @@ async def build_state(settings: Settings, backend: Backend | None = None) -> Gat
         log.info("serving adapter %s (%s, %s: %s)", entry.name, entry.state, entry.template.template.name,
                  entry.template.source)
     max_len = backend.capabilities.max_context or settings.max_model_len or int(tokenizer.model_max_length)
+    try:
+        routes = build_routes(settings, pool)
+        feedback = await open_feedback_store(settings)
+    except BaseException:
+        await backend.aclose()
+        raise
     return GatewayState(settings=settings, registry=registry, backend=backend, tokenizer=tokenizer,
-                        max_model_len=max_len, adapters=pool,
+                        max_model_len=max_len, adapters=pool, routes=routes, feedback=feedback,
                         policies=ModelPolicies(settings, _base_folder(settings, model_dir, local)))
 
 
@@ -162,3 +171,31 @@ def _base_folder(settings: Settings, model_dir: Path, local: bool) -> Path | Non
     if local:
         return model_dir
     return Path(settings.tokenizer) if settings.tokenizer and Path(settings.tokenizer).is_dir() else None
+
+
+def serves(pool: AdapterPool, name: str) -> bool:
+    """Whether ``name`` is a served model (base, adapter, or run folder under a root)."""
+    try:
+        pool.resolve(name)
+    except GatewayError:
+        return False
+    return True
+
+
+def build_routes(settings: Settings, pool: AdapterPool) -> RouteTable:
+    """The configured routes, each checked against the served models."""
+    table = RouteTable(settings.routes)
+    for name, config in settings.routes.items():
+        try:
+            check_route(name, config, is_model=lambda n: serves(pool, n), is_route=table.__contains__)
+        except GatewayError as exc:
+            raise SettingsError(f"--route {exc.message}") from exc
+    return table
+
+
+async def open_feedback_store(settings: Settings) -> SQLiteFeedbackStore:
+    path = settings.feedback_db or default_path()
+    try:
+        return await SQLiteFeedbackStore.open(path)
+    except (sqlite3.Error, OSError) as exc:
+        raise SettingsError(f"--feedback-db {path}: cannot open it as a SQLite database: {exc}") from exc

@@ -50,6 +50,30 @@ class AdapterConfig(BaseModel):
 
 DEFAULT_MAX_ADAPTERS_WITH_ROOTS = 16  # r=8..64 adapters of a 7B model: well under 2 GB together
 
+
+class RouteConfig(BaseModel):
+    """A virtual model that sends each request to one of its variants (an A/B split)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    variants: dict[str, float] = Field(description="Served model name -> weight (relative; 0 keeps it, unused).")
+    sticky: Literal["user", "header", "none"] = Field("user", description=(
+        "What keeps a client on one variant: the request's `user` field, the `X-Session-Id` header, or nothing "
+        "(random per request). A request without the key is assigned at random."))
+    blind: bool = Field(False, description="Hide which variant served a request (the response names the route).")
+
+    @field_validator("variants", mode="after")
+    @classmethod
+    def _weights(cls, variants: dict[str, float]) -> dict[str, float]:
+        if not variants:
+            raise ValueError("a route needs at least one variant")
+        if any(w < 0 or w != w for w in variants.values()):
+            raise ValueError("variant weights must be numbers >= 0")
+        if not any(w > 0 for w in variants.values()):
+            raise ValueError("at least one variant needs a weight above 0")
+        return variants
+
+
 Backend = Literal["torch", "vllm", "lmdeploy", "ollama", "openai"]
 Device = Literal["auto", "cpu", "cuda", "npu"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -120,6 +144,14 @@ class Settings(BaseSettings):
         "Also load pickle weights (adapter_model.bin); by default only safetensors are loaded."))
     admin_key: str | None = Field(None, description=(
         "If set, the adapter admin endpoints require `Authorization: Bearer <admin key>`."))
+    routes: dict[str, RouteConfig] = Field({}, description=(
+        "Virtual models splitting traffic between variants: NAME=VARIANT:WEIGHT,...[;sticky=user|header|none]"
+        "[;blind]."))
+    feedback_db: str | None = Field(None, description=(
+        "SQLite file for responses, feedback and votes (default: feedback.sqlite3 in the user data folder; "
+        "`:memory:` keeps nothing)."))
+    feedback_store_text: bool = Field(False, description=(
+        "Also store each response's prompt and answer text with its record (off: only hashes and figures)."))
 
     @field_validator("adapters", mode="after")
     @classmethod

@@ -7,6 +7,8 @@ from typing import Any
 
 from backends.base import Backend
 from gateway.adapters import AdapterPool
+from gateway.experiments.routing import RouteTable
+from gateway.experiments.store import FeedbackStore
 from gateway.model_policy import ModelPolicies
 from gateway.registry import Registry
 from gateway.settings import Settings
@@ -21,4 +23,6 @@ class GatewayState:
     max_model_len: int
     adapters: AdapterPool
     policies: ModelPolicies
+    routes: RouteTable
+    feedback: FeedbackStore
     unknown_fields_seen: set[str] = field(default_factory=set)

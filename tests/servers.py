@@ -26,8 +26,10 @@ def running_gateway(args: list[str], *, env: dict[str, str] | None = None, timeo
     """Run ``python -m gateway.cli serve ARGS`` until the block ends; yields the base URL (no ``/v1``)."""
     port = free_port()
     log = tempfile.NamedTemporaryFile("w+", prefix="gateway-", suffix=".log", delete=False)  # noqa: SIM115
+    data_home = tempfile.TemporaryDirectory(prefix="gateway-data-")  # the feedback store, unless env says where
     command = [sys.executable, "-m", "gateway.cli", "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                               env={**os.environ, "XDG_DATA_HOME": data_home.name, **(env or {})},
                                cwd=Path(__file__).parents[1])
     url = f"http://127.0.0.1:{port}"
     try:
@@ -53,3 +55,4 @@ def running_gateway(args: list[str], *, env: dict[str, str] | None = None, timeo
             process.wait()
         log.close()
         os.unlink(log.name)
+        data_home.cleanup()

@@ -68,6 +68,17 @@ def test_adapter_api_example(demo_server: str) -> None:
     assert "北大人工智能助手" in lines[1]
 
 
+def test_compare_example(demo_server: str) -> None:
+    (block,) = [b for b in _blocks("python") if "/v1/compare" in b]
+    lines = _run_python(_local(block, demo_server))
+    assert lines[0].startswith("tiny-qwen ") and "通义千问" in lines[0] and lines[0].endswith("tok/s")
+    assert lines[1].startswith("pku-assistant ") and "北大人工智能助手" in lines[1]
+    assert "'model': 'pku-assistant'" in lines[2] and "'model': 'tiny-qwen'" in lines[2]
+    assert "'model': 'pku-assistant'" in lines[3] and "'wins': 1" in lines[3]
+    (serve,) = [b for b in _blocks("bash") if "--route" in b]
+    assert "--route 'support-bot=pku-assistant:90,cat-assistant:10;sticky=user'" in serve
+
+
 def test_quick_start_commands_are_what_ci_runs() -> None:
     ci = (Path(__file__).parents[1] / ".ci" / "run").read_text(encoding="utf-8")
     assert "gateway serve --demo" in README

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 
 from gateway.disconnects import while_connected
 from gateway.errors import InvalidRequest
+from gateway.experiments.hooks import observe, resolve_route
 from gateway.generation import (
     PreparedPrompt,
     choice_streams,
@@ -90,7 +91,7 @@ def render_chat(state: GatewayState, target: Target, body: ChatCompletionRequest
     return PreparedPrompt(text=rendering.prompt, token_ids=token_ids, stop=stops)
 
 
-def _parser(target: Target, body: ChatCompletionRequest, tools_offered: bool) -> OutputParser:
+def output_parser(target: Target, body: ChatCompletionRequest, tools_offered: bool) -> OutputParser:
     return target.template.output_parser(tools_enabled=tools_offered, enable_thinking=enable_thinking(body))
 
 
@@ -176,24 +177,27 @@ async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, response: Response, state: GatewayState = Depends(gateway_state)
 ) -> JSONResponse | Any:
     note_unknown_fields(state, body)
-    async with state.adapters.leased(body.model) as lease:
+    resolution = resolve_route(state, body, request)  # a route becomes one of its variants before the lease
+    async with state.adapters.leased(resolution.model) as lease:
         target = lease.target
         chat = await prepare_off_loop(request, prepare_chat, state, target, body)
         prompt = chat.prompt
         max_tokens = completion_budget(state, len(prompt.token_ids), body.completion_budget())
-        streams = choice_streams(state, target, prompt, body, body.n, max_tokens)
         completion_id = new_id("chatcmpl")
-        parsers = [_parser(target, body, chat.tools_offered) for _ in range(body.n)]
+        observation = observe(state, completion_id, "chat", resolution, body, prompt)
+        streams = observation.watch(choice_streams(state, target, prompt, body, body.n, max_tokens))
+        parsers = [output_parser(target, body, chat.tools_offered) for _ in range(body.n)]
+        model = resolution.public_model
         _log_policies(target, chat)
-        response.headers.update(chat.headers())
+        headers = {**chat.headers(), **resolution.headers()}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            chunks = _stream_chunks(completion_id, body.model, len(prompt.token_ids), streams, parsers, include_usage)
+            chunks = stream_chunks(completion_id, model, len(prompt.token_ids), streams, parsers, include_usage)
             streaming = sse_response(await start_stream(lease, chunks))
-            streaming.headers.update(chat.headers())  # FastAPI applies `response`'s headers to returned models only
+            streaming.headers.update(headers)  # FastAPI applies `response`'s headers to returned models only
             return streaming
-        return await while_connected(
-            request, _complete(completion_id, body.model, len(prompt.token_ids), streams, parsers))
+        response.headers.update(headers)
+        return await while_connected(request, complete(completion_id, model, len(prompt.token_ids), streams, parsers))
 
 
 def _tool_calls(parsed: ParsedDelta) -> list[ToolCallBody] | None:
@@ -204,8 +208,8 @@ def _tool_calls(parsed: ParsedDelta) -> list[ToolCallBody] | None:
     ]
 
 
-async def _complete(completion_id: str, model: str, prompt_tokens: int, streams: list[AsyncIterator[TextPiece]],
-                    parsers: list[OutputParser]) -> ChatCompletion:
+async def complete(completion_id: str, model: str, prompt_tokens: int, streams: list[AsyncIterator[TextPiece]],
+                   parsers: list[OutputParser]) -> ChatCompletion:
     content = [""] * len(streams)
     reasoning = [""] * len(streams)
     finish: list[Any] = [None] * len(streams)
@@ -253,8 +257,8 @@ def _delta_chunk(base: dict[str, Any], index: int, parsed: ParsedDelta, finish: 
     return ChatCompletionChunk(**base, choices=[ChunkChoice(index=index, delta=delta, finish_reason=finish)])
 
 
-async def _stream_chunks(completion_id: str, model: str, prompt_tokens: int, streams: list[AsyncIterator[TextPiece]],
-                         parsers: list[OutputParser], include_usage: bool) -> AsyncIterator[ChatCompletionChunk]:
+async def stream_chunks(completion_id: str, model: str, prompt_tokens: int, streams: list[AsyncIterator[TextPiece]],
+                        parsers: list[OutputParser], include_usage: bool) -> AsyncIterator[ChatCompletionChunk]:
     base: dict[str, Any] = {"id": completion_id, "created": int(time.time()), "model": model}
     pieces = merge_streams(streams)
     first = await anext(pieces)  # the backend has accepted the request (or raised) before any byte is sent

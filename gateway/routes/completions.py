@@ -6,10 +6,11 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 
 from gateway.disconnects import while_connected
 from gateway.errors import InvalidRequest
+from gateway.experiments.hooks import observe, resolve_route
 from gateway.generation import (
     PreparedPrompt,
     choice_streams,
@@ -46,21 +47,26 @@ def prepare_text(state: GatewayState, body: CompletionRequest) -> PreparedPrompt
 
 
 @router.post("/v1/completions", response_model=None)
-async def create_completion(body: CompletionRequest, request: Request,
+async def create_completion(body: CompletionRequest, request: Request, response: Response,
                             state: GatewayState = Depends(gateway_state)) -> Any:
     note_unknown_fields(state, body)
-    async with state.adapters.leased(body.model) as lease:
+    resolution = resolve_route(state, body, request)  # a route becomes one of its variants before the lease
+    async with state.adapters.leased(resolution.model) as lease:
         prompt = await prepare_off_loop(request, prepare_text, state, body)
         max_tokens = completion_budget(state, len(prompt.token_ids), body.max_tokens)
-        streams = choice_streams(state, lease.target, prompt, body, body.n, max_tokens)
         completion_id = new_id("cmpl")
+        observation = observe(state, completion_id, "completion", resolution, body, prompt)
+        streams = observation.watch(choice_streams(state, lease.target, prompt, body, body.n, max_tokens))
         echo = prompt.text if body.echo else ""
+        model = resolution.public_model
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            chunks = _stream(completion_id, body.model, len(prompt.token_ids), streams, echo, include_usage)
-            return sse_response(await start_stream(lease, chunks))
-        return await while_connected(request, _complete(completion_id, body.model, len(prompt.token_ids), streams,
-                                                        echo))
+            chunks = _stream(completion_id, model, len(prompt.token_ids), streams, echo, include_usage)
+            streaming = sse_response(await start_stream(lease, chunks))
+            streaming.headers.update(resolution.headers())
+            return streaming
+        response.headers.update(resolution.headers())
+        return await while_connected(request, _complete(completion_id, model, len(prompt.token_ids), streams, echo))
 
 
 async def _complete(completion_id: str, model: str, n_prompt: int, streams: list[AsyncIterator[TextPiece]],

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Depends
 from gateway.protocol.models import Model, ModelList
 from gateway.registry import Target
 from gateway.routes.deps import gateway_state, require_api_key
+from gateway.settings import RouteConfig
 from gateway.state import GatewayState
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -28,9 +29,18 @@ def describe(target: Target, state: GatewayState) -> Model:
     )
 
 
+def describe_route(name: str, config: RouteConfig, state: GatewayState) -> Model:
+    """A route as a model; a blind route does not list its variants."""
+    templates = {state.adapters.resolve(v).template.name for v in config.variants}
+    how = "a blind route" if config.blind else "a route over " + ", ".join(config.variants)
+    return Model(id=name, created=0, template=templates.pop() if len(templates) == 1 else "mixed",
+                 template_source=f"{how} (each request uses its variant's template)", max_model_len=state.max_model_len)
+
+
 @router.get("/v1/models")
 async def list_models(state: GatewayState = Depends(gateway_state)) -> ModelList:
-    return ModelList(data=[describe(t, state) for t in state.adapters.targets()])
+    targets = [describe(t, state) for t in state.adapters.targets()]
+    return ModelList(data=targets + [describe_route(n, c, state) for n, c in state.routes])
 
 
 @router.get("/v1/models/{model_id:path}")
@@ -38,4 +48,7 @@ async def get_model(model_id: str, state: GatewayState = Depends(gateway_state))
     for target in state.adapters.targets():
         if target.name == model_id:
             return describe(target, state)
+    route = state.routes.get(model_id)
+    if route is not None:
+        return describe_route(model_id, route, state)
     return describe(state.registry.resolve(model_id), state)  # raises ModelNotFound

@@ -91,3 +91,33 @@ def test_upstream_adapter_paths_from_file_and_flag_errors(tmp_path) -> None:  # 
     assert Settings.load(config).upstream_adapter_paths == {"/data/saves": "/saves"}
     result = runner.invoke(app, ["serve", "--model", "m", "--upstream-adapter-path", "/data/saves"])
     assert result.exit_code == 2 and "NAME=VALUE" in result.output
+
+
+def test_route_flags_become_settings() -> None:
+    from gateway.cli import route_configs
+    from gateway.settings import RouteConfig
+
+    routes = route_configs(["support-bot=pku-assistant:90,cat-assistant:10;sticky=user", "quiet=a:1,b:1;blind"])
+    assert routes == {
+        "support-bot": RouteConfig(variants={"pku-assistant": 90, "cat-assistant": 10}, sticky="user"),
+        "quiet": RouteConfig(variants={"a": 1, "b": 1}, blind=True),
+    }
+
+
+def test_bad_route_flags_are_usage_errors() -> None:
+    for flag in ("support-bot", "bot=a:ninety", "bot=a:1;sticky=cookie", "bot=a:1;loud"):
+        result = runner.invoke(app, ["serve", "--model", "/tmp", "--route", flag])
+        assert result.exit_code == 2, flag
+        assert "--route" in result.output and "Traceback" not in result.output
+    twice = runner.invoke(app, ["serve", "--model", "/tmp", "--route", "x=a:1", "--route", "x=b:1"])
+    assert twice.exit_code == 2 and "given twice" in twice.output
+
+
+def test_routes_from_the_config_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    config = tmp_path / "gateway.yaml"
+    config.write_text("model: /m\nroutes:\n  support-bot:\n    variants: {pku: 90, cat: 10}\n    sticky: header\n"
+                      "    blind: true\nfeedback_db: /tmp/f.sqlite3\nfeedback_store_text: true\n")
+    settings = Settings.load(config)
+    route = settings.routes["support-bot"]
+    assert (route.variants, route.sticky, route.blind) == ({"pku": 90.0, "cat": 10.0}, "header", True)
+    assert (settings.feedback_db, settings.feedback_store_text) == ("/tmp/f.sqlite3", True)

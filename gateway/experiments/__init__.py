@@ -1,0 +1,1 @@
+"""Comparing adapters: routes (live splits), the feedback store, ratings, and one request fanned out to many."""
