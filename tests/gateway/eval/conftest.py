@@ -48,9 +48,13 @@ def identity_eval(demo_models: DemoModels, demo_cache_home: Path,
     return EvalRun(out=out, stdout=result.stdout, stderr=result.stderr)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def chromium() -> Iterator[Any]:
-    """Debian's chromium driven by Playwright, headless (no browser can be downloaded here)."""
+    """Debian's chromium driven by Playwright, headless (no browser can be downloaded here).
+
+    Per test, not per session: Playwright's sync API keeps an event loop running in the main thread while it is
+    open, and every later ``asyncio.run`` (and async test) would fail with "cannot be called from a running event
+    loop"."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
