@@ -26,6 +26,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway.request_context import current_request
+
 
 class GatewayError(Exception):
     status_code = 500
@@ -119,7 +121,15 @@ class ErrorJSONResponse(JSONResponse):
             return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
+def note_error(exc: GatewayError) -> None:
+    """Tell the request's context (metrics, access log) which error ended it."""
+    ctx = current_request()
+    if ctx is not None:
+        ctx.error_type = exc.error_type
+
+
 def error_response(exc: GatewayError) -> JSONResponse:
+    note_error(exc)
     return ErrorJSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers())
 
 

@@ -14,6 +14,7 @@ from gateway.adapters import Lease
 from gateway.errors import InvalidRequest
 from gateway.protocol.common import SamplingFields
 from gateway.registry import Target
+from gateway.request_context import current_request
 from gateway.state import GatewayState
 from gateway.streaming import TextPiece, stream_text
 
@@ -88,6 +89,10 @@ def choice_streams(state: GatewayState, target: Target, prompt: PreparedPrompt, 
         raise InvalidRequest(f"n is {n}, more choices than this server can queue (--max-queue "
                              f"{state.settings.max_queue})", param="n")
     ids = stop_token_ids(state, prompt.stop)
+    observer = current_request()
+    if observer is not None:
+        observer.generation_started(prompt_tokens=len(prompt.token_ids), max_tokens=max_tokens, model=target.name,
+                                    adapter=target.adapter)
     streams = []
     for choice in range(n):
         request = GenerationRequest(
@@ -97,7 +102,7 @@ def choice_streams(state: GatewayState, target: Target, prompt: PreparedPrompt, 
             adapter=target.adapter,
             sampling=sampling_params(body, max_tokens, prompt.stop, ids, choice),
         )
-        streams.append(stream_text(state.backend.generate(request), state.tokenizer, prompt.stop))
+        streams.append(stream_text(state.backend.generate(request), state.tokenizer, prompt.stop, observer))
     return streams
 
 

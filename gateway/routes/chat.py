@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
+from gateway.admission import check_sizes
 from gateway.generation import (
     PreparedPrompt,
     choice_streams,
@@ -34,7 +35,7 @@ from gateway.protocol.chat import (
 )
 from gateway.protocol.common import Usage
 from gateway.registry import Target
-from gateway.routes.deps import gateway_state, require_api_key
+from gateway.routes.deps import admit_generation, gateway_state, require_api_key
 from gateway.sse import sse_response
 from gateway.state import GatewayState
 from gateway.streaming import TextPiece
@@ -79,11 +80,12 @@ async def render_chat_prompt(body: ChatCompletionRequest, state: GatewayState = 
                         prompt=prompt.text, token_ids=list(prompt.token_ids), stop=list(prompt.stop))
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@router.post("/v1/chat/completions", response_model=None, dependencies=[Depends(admit_generation)])
 async def create_chat_completion(
     body: ChatCompletionRequest, state: GatewayState = Depends(gateway_state)
 ) -> JSONResponse | Any:
     note_unknown_fields(state, body)
+    check_sizes(state.settings, body.messages, body.tools)
     async with state.adapters.leased(body.model) as lease:
         target = lease.target
         prompt = render_chat(state, target, body)
