@@ -47,7 +47,8 @@ def test_not_ready_until_the_upstream_answers_then_serves(demo_models: DemoModel
             time.sleep(0.1)
         api = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
         reply = api.chat.completions.with_raw_response.create(
-            model="pku-assistant", messages=[{"role": "user", "content": "hi"}], extra_headers={"x-request-id": "abc-1"})
+            model="pku-assistant", messages=[{"role": "user", "content": "hi"}],
+            extra_headers={"x-request-id": "abc-1"})
         assert reply.parse().choices[0].message.content == "PKU here."
         assert reply.headers["x-request-id"] == "abc-1"
         (sent,) = [r for r in recorder.requests if r.path == "/v1/completions"]

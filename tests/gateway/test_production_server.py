@@ -61,9 +61,10 @@ def test_metrics_change_with_a_known_mix(server: str) -> None:
     pku = {"model": "pku-assistant", "adapter": "pku-assistant", "backend": "torch", "model_name": "tiny-qwen"}
     assert grew("vllm:request_success_total", **pku) == 2
     assert grew("vllm:request_success_total", adapter="", model="tiny-qwen") == 1
-    assert whole.usage is not None and chunks[-1].usage is not None and base.usage is not None
-    assert grew("vllm:generation_tokens_total", **pku) == whole.usage.completion_tokens + chunks[-1].usage.completion_tokens
-    assert grew("vllm:prompt_tokens_total", **pku) == whole.usage.prompt_tokens + chunks[-1].usage.prompt_tokens
+    streamed = chunks[-1].usage
+    assert whole.usage is not None and streamed is not None and base.usage is not None
+    assert grew("vllm:generation_tokens_total", **pku) == whole.usage.completion_tokens + streamed.completion_tokens
+    assert grew("vllm:prompt_tokens_total", **pku) == whole.usage.prompt_tokens + streamed.prompt_tokens
     assert grew("vllm:generation_tokens_total", adapter="") == base.usage.completion_tokens
     assert grew("vllm:time_to_first_token_seconds_count", **pku) == 2
     assert grew("gateway:key_requests_total", key="alice") == 3
