@@ -123,3 +123,26 @@ def test_dashboard_queries_only_exported_metrics(server: str) -> None:
             "gateway:adapters_resident"} <= wanted
     missing = wanted - exported(scrape(server))
     assert not missing, f"the dashboard queries metrics the gateway does not export: {sorted(missing)}"
+
+
+def test_a_client_hanging_up_mid_stream_counts_as_abort(server: str) -> None:
+    import time
+
+    before = scrape(server)
+    body = {"model": "tiny-qwen", "prompt": "你好", "max_tokens": 3000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, headers=ALICE, timeout=30) as response:
+        assert response.status_code == 200
+        next(response.iter_lines())  # the stream is running; now hang up
+    deadline = time.monotonic() + 20
+    while True:
+        after = scrape(server)
+        aborted = value(after, "vllm:request_success_total", finished_reason="abort") - value(
+            before, "vllm:request_success_total", finished_reason="abort")
+        if aborted == 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert aborted == 1
+    assert value(after, "vllm:num_requests_running") == 0
+    generated = value(after, "vllm:generation_tokens_total", adapter="") - value(
+        before, "vllm:generation_tokens_total", adapter="")
+    assert 0 < generated < 3000  # what was produced before the hang-up, not the budget
