@@ -18,6 +18,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,6 +54,8 @@ class Sequence:
     generated: int = 0
     next_token: int = -1
     cancelled: bool = False
+    submitted_at: float = 0.0  # perf_counter() when submitted and when it joined the batch (its queue time)
+    joined_at: float | None = None
     position: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -111,6 +114,7 @@ class Engine:
                 raise BackendUnavailable("the engine is shutting down")
             if len(self._waiting) >= self.max_queue:
                 raise Overloaded(f"the server has {len(self._waiting)} requests waiting; try again shortly")
+            sequence.submitted_at = time.perf_counter()
             self._waiting.append(sequence)
             self._cond.notify()
 
@@ -136,6 +140,17 @@ class Engine:
                 if not seq.cancelled:
                     counts[seq.adapter_name] = counts.get(seq.adapter_name, 0) + 1
             return counts
+
+    def adapter_rows(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(running, waiting) sequences per adapter name, base rows under ``BASE_ADAPTER`` (a snapshot)."""
+        with self._cond:
+            running: dict[str, int] = {}
+            waiting: dict[str, int] = {}
+            for rows, counts in ((self._rows, running), (self._waiting, waiting)):
+                for seq in list(rows):
+                    if not seq.cancelled:
+                        counts[seq.adapter_name] = counts.get(seq.adapter_name, 0) + 1
+            return running, waiting
 
     @property
     def queue_depth(self) -> int:
@@ -237,6 +252,9 @@ class Engine:
         return out.logits[:, -1, :]
 
     def _prefill(self, joining: list[Sequence]) -> None:
+        joined = time.perf_counter()
+        for seq in joining:
+            seq.joined_at = joined
         try:
             logits, cache, mask = self._prefill_forward(joining)
         except Exception as exc:

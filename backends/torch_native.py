@@ -12,10 +12,11 @@ import anyio
 import torch
 
 from backends.base import Capabilities, Delta, GenerationRequest, Health
-from backends.engine import Engine, Sequence
+from backends.engine import BASE_ADAPTER, Engine, Sequence
 from backends.lora import read_adapter
 from backends.sampling import RowSampler
 from gateway.errors import BackendUnavailable, Conflict, GatewayError, InvalidRequest
+from gateway.request_context import current_request
 
 log = logging.getLogger(__name__)
 
@@ -107,17 +108,27 @@ class TorchBackend:
             max_total_len=self.max_model_len,
         )
         self._engine.submit(sequence)
+        observer = current_request()
         try:
             while True:
                 item = await queue.get()
                 if isinstance(item, GatewayError):
                     raise item
+                if observer is not None and sequence.joined_at is not None and observer.engine_queue_seconds is None:
+                    observer.engine_queue_seconds = sequence.joined_at - sequence.submitted_at
                 yield item
                 if item.finish_reason is not None:
                     return
         finally:
             sequence.cancelled = True
             self._engine.wake()
+
+    def adapter_requests(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(running, waiting) engine rows per adapter (the base's rows left out), for ``vllm:lora_requests_info``."""
+        running, waiting = self._engine.adapter_rows()
+        running.pop(BASE_ADAPTER, None)
+        waiting.pop(BASE_ADAPTER, None)
+        return running, waiting
 
     # --- adapters -----------------------------------------------------------------------------------------------
 

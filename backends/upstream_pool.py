@@ -30,6 +30,7 @@ import httpx
 from backends.base import Delta, Health
 from backends.http_transport import KeepAliveTransport
 from gateway.errors import BackendUnavailable, GatewayError, UpstreamError
+from gateway.request_context import current_request
 
 YIELD_EVERY_READS = 8
 
@@ -183,7 +184,8 @@ class UpstreamPool:
                 try:
                     async with _deadline(self.timeouts.first_byte):
                         request = self._client.build_request(
-                            "POST", replica.url + path, json=payload, timeout=self._stream_timeout
+                            "POST", replica.url + path, json=payload, timeout=self._stream_timeout,
+                            headers=_request_headers(),
                         )
                         response = await self._client.send(request, stream=True)
                         if response.status_code >= 400:
@@ -219,6 +221,9 @@ class UpstreamPool:
                     failures.append(f"{replica.url}: {replica.last_error}")
                     continue
                 replica.healthy = True
+                observer = current_request()
+                if observer is not None:
+                    observer.replica = replica.url
                 reads = 0
                 while True:
                     for line in lines:
@@ -272,7 +277,8 @@ class UpstreamPool:
         for target in targets:
             try:
                 response = await self._client.request(
-                    method, target.url + path, json=json, content=content, timeout=self.timeouts.request
+                    method, target.url + path, json=json, content=content, timeout=self.timeouts.request,
+                    headers=_request_headers(),
                 )
             except httpx.TransportError as exc:
                 self._mark_down(target, exc)
@@ -282,6 +288,12 @@ class UpstreamPool:
                 return response
             raise error_mapper(response.status_code, response.content)
         raise BackendUnavailable("no upstream replica could be reached: " + "; ".join(failures))
+
+
+def _request_headers() -> dict[str, str] | None:
+    """``x-request-id`` of the request being served, so upstream logs can be matched with ours."""
+    ctx = current_request()
+    return None if ctx is None or not ctx.request_id else {"x-request-id": ctx.request_id}
 
 
 class _LineReader:

@@ -36,7 +36,9 @@ import anyio
 
 from backends.base import Backend
 from gateway.adapter_files import AdapterInfo, BaseShapes, confine, inspect_adapter, is_adapter_folder
+from gateway.adapter_roots import RootListing
 from gateway.errors import AdapterLoadError, Conflict, GatewayError, ModelNotFound, Overloaded
+from gateway.metrics import Metrics
 from gateway.registry import Registry, Target
 from gateway.templates import ResolvedTemplate
 
@@ -93,7 +95,8 @@ class AdapterPool:
     def __init__(self, backend: Backend, registry: Registry, *, roots: Sequence[Path] = (),
                  shapes: BaseShapes | None = None, base_names: Iterable[str] = (), max_adapters: int | None = None,
                  pins: Iterable[str] = (), allow_unsafe: bool = False, resolve_template: TemplateResolver,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, metrics: Metrics | None = None,
+                 scan_interval: float = 5.0) -> None:
         self.backend = backend
         self.registry = registry
         self.roots = tuple(roots)
@@ -107,6 +110,8 @@ class AdapterPool:
         self._adapters: dict[str, Adapter] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._change = asyncio.Event()
+        self._metrics = metrics
+        self._roots_view = RootListing(self.roots, self._inspect_listed, scan_interval)
 
     # --- start-up -------------------------------------------------------------------------------------------------
 
@@ -121,6 +126,8 @@ class AdapterPool:
         for adapter in sorted(self._adapters.values(), key=lambda a: not a.pinned):
             if adapter.pinned or self.max_adapters is None or self._resident() < self.max_adapters:
                 await self._ensure_loaded(adapter)
+        await self.refresh_catalog()
+        self._report()
 
     # --- serving --------------------------------------------------------------------------------------------------
 
@@ -200,17 +207,32 @@ class AdapterPool:
             self._forget(adapter)
 
     def catalog(self) -> list[Adapter]:
-        """Every adapter: the known ones, then those under a root not yet used (state ``on_disk``)."""
+        """Every adapter: the known ones, then those under a root not yet used (state ``on_disk``), as of the last
+        read of the roots (``refresh_catalog``)."""
         found = dict(self._adapters)
-        for name, folder in self._scan_roots():
-            if name not in found and name not in self.registry:
-                try:
-                    info = inspect_adapter(folder, self._shapes, base_names=self._base_names,
-                                           allow_unsafe=self._allow_unsafe)
-                    found[name] = Adapter(name, info, self._template(folder, None), "root", name in self.pins)
-                except GatewayError as exc:
-                    log.debug("not listing %s: %s", folder, exc)
+        for adapter in self._roots_view.adapters:
+            if adapter.name not in found and adapter.name not in self.registry:
+                found[adapter.name] = adapter
         return list(found.values())
+
+    async def refresh_catalog(self) -> None:
+        """Read the roots again (in a thread) when the last read is older than the scan interval."""
+        if await self._roots_view.refresh():
+            self._report()
+
+    def _inspect_listed(self, name: str, folder: Path) -> Adapter | None:
+        """An ``on_disk`` entry for a folder under a root (runs in the listing's thread), ``None`` if refused."""
+        try:
+            info = inspect_adapter(folder, self._shapes, base_names=self._base_names, allow_unsafe=self._allow_unsafe)
+            return Adapter(name, info, self._template(folder, None), "root", name in self.pins)
+        except GatewayError as exc:
+            log.debug("not listing %s: %s", folder, exc)
+            return None
+
+    def _report(self) -> None:
+        if self._metrics is not None:
+            adapters = self.catalog()
+            self._metrics.residency(self._resident(), sum(a.state == "on_disk" for a in adapters))
 
     def targets(self) -> list[Target]:
         """Everything a request may name, including run folders under the roots not loaded yet."""
@@ -260,23 +282,7 @@ class AdapterPool:
             del self._adapters[adapter.name]
             self.registry.remove_adapter(adapter.name)
         self._changed()
-
-    def _scan_roots(self) -> list[tuple[str, Path]]:
-        """``(name, folder)`` of run folders (and their ``checkpoint-N``) directly under each root."""
-        found: list[tuple[str, Path]] = []
-        for root in self.roots:
-            if not root.is_dir():
-                continue
-            for run in sorted(p for p in root.iterdir() if p.is_dir()):
-                for folder in (run, *sorted(run.glob("checkpoint-*"))):
-                    name = folder.relative_to(root).as_posix()
-                    try:
-                        real = confine(name, [root])  # a symlink out of the root is not served
-                    except AdapterLoadError:
-                        continue
-                    if is_adapter_folder(real):
-                        found.append((name, real))
-        return found
+        self._report()
 
     def _discover(self, name: str) -> Adapter | None:
         """Register the run folder ``name`` under a root (not loaded yet), or ``None`` if there is none."""
@@ -303,6 +309,7 @@ class AdapterPool:
             return
         await self._reserve_slot()
         adapter.state = "loading"  # no await since the slot was counted: no one else can take it
+        started = time.perf_counter()
         try:
             await self.backend.load_adapter(adapter.name, str(adapter.info.path))
         except BaseException:
@@ -312,6 +319,9 @@ class AdapterPool:
         adapter.state = "loaded"
         adapter.loads += 1
         self._changed()
+        if self._metrics is not None:
+            self._metrics.adapter_loaded(adapter.name, time.perf_counter() - started)
+        self._report()
         log.info("loaded adapter %s from %s (%d resident)", adapter.name, adapter.info.path, self._resident())
 
     async def _reserve_slot(self) -> None:
@@ -342,4 +352,7 @@ class AdapterPool:
             raise
         adapter.state = "on_disk"
         self._changed()
+        if self._metrics is not None:
+            self._metrics.adapter_unloaded(adapter.name)
+        self._report()
         log.info("unloaded adapter %s (%d resident)", adapter.name, self._resident())

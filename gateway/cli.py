@@ -96,7 +96,22 @@ def server_settings(
     max_body_bytes: Annotated[Optional[int], typer.Option(help=_help("max_body_bytes"))] = None,  # noqa: UP045
     host: Annotated[Optional[str], typer.Option(help=_help("host"))] = None,  # noqa: UP045
     port: Annotated[Optional[int], typer.Option(help=_help("port"))] = None,  # noqa: UP045
-    api_key: Annotated[Optional[str], typer.Option(help=_help("api_key"))] = None,  # noqa: UP045
+    api_key: Annotated[list[str], typer.Option(help=_help("api_keys") + " (repeatable)")] = [],  # noqa: B006
+    api_key_file: Annotated[Optional[str], typer.Option(help=_help("api_key_file"))] = None,  # noqa: UP045
+    metrics_auth: Annotated[bool, typer.Option("--metrics-auth", help=_help("metrics_auth"))] = False,
+    rate_limit_rpm: Annotated[Optional[int], typer.Option(help=_help("rate_limit_rpm"))] = None,  # noqa: UP045
+    rate_limit_tpm: Annotated[Optional[int], typer.Option(help=_help("rate_limit_tpm"))] = None,  # noqa: UP045
+    max_concurrent_per_key: Annotated[
+        Optional[int], typer.Option(help=_help("max_concurrent_per_key"))  # noqa: UP045
+    ] = None,
+    rate_limit_storage: Annotated[Optional[str], typer.Option(help=_help("rate_limit_storage"))] = None,  # noqa: UP045
+    max_messages: Annotated[Optional[int], typer.Option(help=_help("max_messages"))] = None,  # noqa: UP045
+    max_tools: Annotated[Optional[int], typer.Option(help=_help("max_tools"))] = None,  # noqa: UP045
+    max_tools_bytes: Annotated[Optional[int], typer.Option(help=_help("max_tools_bytes"))] = None,  # noqa: UP045
+    cors_origin: Annotated[list[str], typer.Option(help=_help("cors_origins") + " (repeatable)")] = [],  # noqa: B006
+    adapter_scan_interval: Annotated[
+        Optional[float], typer.Option(help=_help("adapter_scan_interval"))  # noqa: UP045
+    ] = None,
     demo: Annotated[bool, typer.Option("--demo", help=_help("demo"))] = False,
     adapter_root: Annotated[list[str], typer.Option(help=_help("adapter_roots") + " (repeatable)")] = [],  # noqa: B006
     max_adapters: Annotated[Optional[int], typer.Option(help=_help("max_adapters"))] = None,  # noqa: UP045
@@ -138,7 +153,18 @@ def server_settings(
             max_body_bytes=max_body_bytes,
             host=host,
             port=port,
-            api_key=api_key,
+            api_keys=tuple(api_key) or None,
+            api_key_file=api_key_file,
+            metrics_auth=metrics_auth or None,
+            rate_limit_rpm=rate_limit_rpm,
+            rate_limit_tpm=rate_limit_tpm,
+            max_concurrent_per_key=max_concurrent_per_key,
+            rate_limit_storage=rate_limit_storage,
+            max_messages=max_messages,
+            max_tools=max_tools,
+            max_tools_bytes=max_tools_bytes,
+            cors_origins=tuple(cors_origin) or None,
+            adapter_scan_interval=adapter_scan_interval,
             demo=demo or None,
             adapter_roots=tuple(adapter_root) or None,
             max_adapters=max_adapters,
@@ -196,8 +222,13 @@ def serve(server: ServerFlags, log_level: Annotated[str, typer.Option(help="Logg
     from gateway.app import create_app
 
     settings = server.settings()
+    try:
+        app_ = create_app(settings)  # unusable keys or limit storage are usage errors too
+    except SettingsError as exc:
+        raise typer.BadParameter(str(exc)) from None
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level.lower())
+    # access_log off: gateway.access writes one JSON line per request instead of uvicorn's text line
+    uvicorn.run(app_, host=settings.host, port=settings.port, log_level=log_level.lower(), access_log=False)
 
 
 @app.command("eval")

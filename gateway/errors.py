@@ -28,6 +28,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from gateway.request_context import current_request
+
 
 class GatewayError(Exception):
     status_code = 500
@@ -126,7 +128,15 @@ class ErrorJSONResponse(JSONResponse):
             return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
+def note_error(exc: GatewayError) -> None:
+    """Tell the request's context (metrics, access log) which error ended it."""
+    ctx = current_request()
+    if ctx is not None:
+        ctx.error_type = exc.error_type
+
+
 def error_response(exc: GatewayError) -> JSONResponse:
+    note_error(exc)
     return ErrorJSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers())
 
 

@@ -14,6 +14,7 @@ from gateway.adapters import Lease
 from gateway.errors import InvalidRequest
 from gateway.protocol.common import SamplingFields
 from gateway.registry import Target
+from gateway.request_context import current_request
 from gateway.sampling_defaults import OPENAI_DEFAULTS, requested_or_default
 from gateway.state import GatewayState
 from gateway.streaming import TextPiece, stream_text
@@ -93,6 +94,10 @@ def choice_streams(state: GatewayState, target: Target, prompt: PreparedPrompt, 
                              f"{state.settings.max_queue})", param="n")
     ids = stop_token_ids(state, prompt.stop)
     defaults = state.policies.for_target(target).sampling.values
+    observer = current_request()
+    if observer is not None:
+        observer.generation_started(prompt_tokens=len(prompt.token_ids), max_tokens=max_tokens, model=target.name,
+                                    adapter=target.adapter)
     streams = []
     for choice in range(n):
         request = GenerationRequest(
@@ -102,7 +107,7 @@ def choice_streams(state: GatewayState, target: Target, prompt: PreparedPrompt, 
             adapter=target.adapter,
             sampling=sampling_params(body, max_tokens, prompt.stop, ids, choice, defaults),
         )
-        streams.append(stream_text(state.backend.generate(request), state.tokenizer, prompt.stop))
+        streams.append(stream_text(state.backend.generate(request), state.tokenizer, prompt.stop, observer))
     return streams
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from gateway.adapters import AdapterPool
 from gateway.errors import AdapterLoadError, GatewayError
 from gateway.experiments.routing import RouteTable, check_route
 from gateway.experiments.store import SQLiteFeedbackStore, default_path
+from gateway.metrics import Metrics
 from gateway.model_policy import ModelPolicies
 from gateway.registry import Registry
 from gateway.settings import AdapterConfig, Settings, SettingsError
@@ -109,7 +112,23 @@ async def create_backend(settings: Settings, model_dir: Path, tokenizer: Any) ->
     )
 
 
-async def build_state(settings: Settings, backend: Backend | None = None) -> GatewayState:
+@dataclass(frozen=True)
+class Prepared:
+    """Everything start-up builds before it needs the backend (checked, so a wrong setting fails here)."""
+
+    settings: Settings
+    tokenizer: Any
+    base_name: str
+    model_dir: Path
+    local: bool
+    templates: dict[str, ResolvedTemplate]
+    roots: tuple[Path, ...]
+    shapes: BaseShapes | None
+    runtime_template: Callable[[Path, str | None], ResolvedTemplate]
+
+
+async def prepare(settings: Settings) -> Prepared:
+    """Settings checked, tokenizer and templates loaded; raises ``SettingsError`` for what is wrong."""
     settings = await with_demo_models(settings)
     assert settings.model is not None  # Settings.load guarantees a model or --demo
     model_dir = Path(settings.model)
@@ -118,8 +137,7 @@ async def build_state(settings: Settings, backend: Backend | None = None) -> Gat
         raise SettingsError(f"--model {settings.model}: no such folder (the torch backend needs local weights)")
     tokenizer = await load_tokenizer(settings.tokenizer or settings.model)
     base_name = settings.served_model_name or (model_dir.name if local else settings.model)
-    registry = Registry(base_name, str(model_dir) if local else None,
-                        _resolve(None, None, settings, model_dir if local else None))
+    _resolve(None, None, settings, model_dir if local else None)  # fails now if the base template is wrong
     for adapter in settings.adapters:
         if not Path(adapter.path).is_dir():
             raise SettingsError(f"--adapter {adapter.name}={adapter.path}: no such folder")
@@ -137,13 +155,25 @@ async def build_state(settings: Settings, backend: Backend | None = None) -> Gat
         except (TemplateNotFound, TemplateResolutionError) as exc:
             raise AdapterLoadError(str(exc), param="template") from exc
 
-    backend = backend or await create_backend(settings, model_dir, tokenizer)
-    pool = AdapterPool(backend, registry, roots=roots, shapes=shapes,
-                       base_names=(base_name, settings.model, model_dir.name), max_adapters=settings.adapter_limit(),
+    return Prepared(settings, tokenizer, base_name, model_dir, local, templates, roots, shapes, runtime_template)
+
+
+async def connect(prepared: Prepared, backend: Backend | None = None, metrics: Metrics | None = None) -> GatewayState:
+    """Start the backend and the adapter pool. Raises ``BackendUnavailable`` while an upstream cannot be reached
+    (everything started is closed again, so it may be called again)."""
+    p = prepared
+    settings, model_dir, local = p.settings, p.model_dir, p.local
+    assert settings.model is not None
+    registry = Registry(p.base_name, str(model_dir) if local else None,
+                        _resolve(None, None, settings, model_dir if local else None))
+    backend = backend or await create_backend(settings, model_dir, p.tokenizer)
+    pool = AdapterPool(backend, registry, roots=p.roots, shapes=p.shapes,
+                       base_names=(p.base_name, settings.model, model_dir.name), max_adapters=settings.adapter_limit(),
                        pins=settings.pins, allow_unsafe=settings.allow_unsafe_adapters,
-                       resolve_template=runtime_template)
+                       resolve_template=p.runtime_template, metrics=metrics,
+                       scan_interval=settings.adapter_scan_interval)
     try:
-        await pool.start([(a.name, Path(a.path), templates[a.name]) for a in settings.adapters])
+        await pool.start([(a.name, Path(a.path), p.templates[a.name]) for a in settings.adapters])
     except AdapterLoadError as exc:
         await backend.aclose()
         raise SettingsError(exc.message) from exc
@@ -153,14 +183,14 @@ async def build_state(settings: Settings, backend: Backend | None = None) -> Gat
     for entry in pool.catalog():
         log.info("serving adapter %s (%s, %s: %s)", entry.name, entry.state, entry.template.template.name,
                  entry.template.source)
-    max_len = backend.capabilities.max_context or settings.max_model_len or int(tokenizer.model_max_length)
+    max_len = backend.capabilities.max_context or settings.max_model_len or int(p.tokenizer.model_max_length)
     try:
         routes = build_routes(settings, pool)
         feedback = await open_feedback_store(settings)
     except BaseException:
         await backend.aclose()
         raise
-    return GatewayState(settings=settings, registry=registry, backend=backend, tokenizer=tokenizer,
+    return GatewayState(settings=settings, registry=registry, backend=backend, tokenizer=p.tokenizer,
                         max_model_len=max_len, adapters=pool, routes=routes, feedback=feedback,
                         policies=ModelPolicies(settings, _base_folder(settings, model_dir, local)))
 
@@ -199,3 +229,7 @@ async def open_feedback_store(settings: Settings) -> SQLiteFeedbackStore:
         return await SQLiteFeedbackStore.open(path)
     except (sqlite3.Error, OSError) as exc:
         raise SettingsError(f"--feedback-db {path}: cannot open it as a SQLite database: {exc}") from exc
+
+
+async def build_state(settings: Settings, backend: Backend | None = None) -> GatewayState:
+    return await connect(await prepare(settings), backend)

@@ -131,7 +131,28 @@ class Settings(BaseSettings):
         "Largest request body accepted, in bytes (larger: 413); default 4 MiB."))
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
-    api_key: str | None = Field(None, description="If set, clients must send `Authorization: Bearer <key>`.")
+    api_key: str | None = Field(None, description=(
+        "A client key (NAME:KEY or KEY); with any key set, clients must send `Authorization: Bearer <key>`."))
+    api_keys: tuple[str, ...] = Field((), description="Client keys, each NAME:KEY or KEY (the name shows in logs "
+                                      "and metrics, never the key).")
+    api_key_file: str | None = Field(None, description="File with one client key per line (NAME:KEY or KEY; "
+                                     "# comments).")
+    metrics_auth: bool = Field(False, description=(
+        "`/metrics` needs a key (a client key or the admin key); by default it is open, like vLLM's."))
+    rate_limit_rpm: int | None = Field(None, ge=1, description="Requests per minute per key (429 beyond).")
+    rate_limit_tpm: int | None = Field(None, ge=1, description=(
+        "Prompt + completion tokens per minute per key, counted when each request ends (429 beyond)."))
+    max_concurrent_per_key: int | None = Field(None, ge=1, description=(
+        "Generation requests (streamed or not) one key may have in flight at once (429 beyond)."))
+    rate_limit_storage: str = Field("memory://", description=(
+        "Where the `limits` library keeps the counts: memory:// (this process) or redis://HOST:PORT (shared)."))
+    max_messages: int = Field(2048, ge=1, description="Most messages in one chat request (400 beyond).")
+    max_tools: int = Field(128, ge=0, description="Most tools in one chat request (400 beyond).")
+    max_tools_bytes: int = Field(512 << 10, ge=1, description="Largest size of a request's tool definitions, bytes.")
+    cors_origins: tuple[str, ...] = Field((), description=(
+        "Browser origins allowed to call the API (CORS; `*` for any); none by default."))
+    adapter_scan_interval: float = Field(5.0, ge=0, description=(
+        "Seconds a listing of the --adapter-root folders is reused before it is read again (in a thread)."))
     demo: bool = Field(False, description="Serve the demo models (built locally on first use).")
     adapter_roots: tuple[str, ...] = Field((), description=(
         "Folder of LoRA run folders: a request for `model=RUN` or `model=RUN/checkpoint-N` under it loads that "

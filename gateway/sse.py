@@ -18,7 +18,7 @@ from sse_starlette import ServerSentEvent
 from starlette.responses import StreamingResponse
 
 from gateway.boundary import request_id
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, note_error
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +36,14 @@ async def _events(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[bytes]:
         async for chunk in chunks:
             yield _event(chunk.model_dump_json(exclude_none=True))
     except GatewayError as exc:
+        note_error(exc)
         log.warning("stream ended with error (request id %s): %s", request_id.get(), exc.message)
         yield _event(json.dumps(exc.body(), ensure_ascii=True))
     except Exception as exc:
         log.exception("stream failed (request id %s)", request_id.get())
         error = GatewayError(f"The server had an error while streaming your answer (request id {request_id.get()})."
                              f" Cause: {type(exc).__name__}.")
+        note_error(error)
         yield _event(json.dumps(error.body(), ensure_ascii=True))
     yield _event("[DONE]")
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from backends.base import Delta
+from gateway.request_context import RequestContext
 
 FinishReason = Literal["stop", "length"]
 
@@ -94,27 +95,36 @@ class TextPiece:
 
 
 async def stream_text(
-    deltas: AsyncIterator[Delta], tokenizer: Decoder, stops: Sequence[str]
+    deltas: AsyncIterator[Delta], tokenizer: Decoder, stops: Sequence[str], observer: RequestContext | None = None
 ) -> AsyncIterator[TextPiece]:
     """Text pieces for one completion; the last piece has ``finish_reason`` and the completion token count.
 
-    Stopping on a stop string closes ``deltas``, which cancels the generation in the backend.
+    Stopping on a stop string closes ``deltas``, which cancels the generation in the backend. ``observer`` (the
+    request's context) hears of every output delta and of the finish, for metrics and the access log.
     """
     detokenizer = IncrementalDetokenizer(tokenizer)
     matcher = StopMatcher(stops)
     count = 0
+    observed = 0  # tokens reported to the observer (a text-only delta counts as one)
     try:
         async for delta in deltas:
             count += len(delta.token_ids)
+            if observer is not None and (delta.token_ids or delta.text):
+                observer.output(len(delta.token_ids) or 1)
+                observed += len(delta.token_ids) or 1
             text = delta.text if delta.text is not None else detokenizer.add(delta.token_ids)
             if delta.finish_reason is not None and delta.text is None:
                 text += detokenizer.flush()
             visible = matcher.feed(text)
             if matcher.stopped:
+                if observer is not None:
+                    observer.finished("stop", observed, delta.completion_tokens or count or None)
                 yield TextPiece(visible, "stop", delta.completion_tokens or count, delta.prompt_tokens)
                 return
             if delta.finish_reason is not None:
                 visible += matcher.flush()
+                if observer is not None:
+                    observer.finished(delta.finish_reason, observed, delta.completion_tokens or count or None)
                 yield TextPiece(visible, delta.finish_reason, delta.completion_tokens or count, delta.prompt_tokens)
                 return
             if visible:

@@ -23,7 +23,8 @@ def free_port() -> int:
 
 @contextmanager
 def running_gateway(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 120.0) -> Iterator[str]:
-    """Run ``python -m gateway.cli serve ARGS`` until the block ends; yields the base URL (no ``/v1``)."""
+    """Run ``python -m gateway.cli serve ARGS`` until the block ends; yields the base URL (no ``/v1``) once
+    ``/ready`` answers 200."""
     port = free_port()
     log = tempfile.NamedTemporaryFile("w+", prefix="gateway-", suffix=".log", delete=False)  # noqa: SIM115
     data_home = tempfile.TemporaryDirectory(prefix="gateway-data-")  # the feedback store, unless env says where
@@ -38,7 +39,7 @@ def running_gateway(args: list[str], *, env: dict[str, str] | None = None, timeo
             if process.poll() is not None:
                 raise RuntimeError(f"gateway exited with {process.returncode}:\n{Path(log.name).read_text()}")
             try:
-                if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
+                if httpx.get(f"{url}/ready", timeout=1.0).status_code == 200:
                     break
             except httpx.TransportError:
                 pass

@@ -7,13 +7,10 @@ The rules (roots, safetensors, shapes, eviction) live in ``gateway.adapters.Adap
 
 from __future__ import annotations
 
-import secrets
-
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from fastapi.responses import PlainTextResponse
 
 from gateway.adapters import Adapter
-from gateway.errors import AuthenticationError
 from gateway.protocol.adapters import (
     AdapterDeleted,
     AdapterList,
@@ -22,20 +19,8 @@ from gateway.protocol.adapters import (
     VLLMLoadLoraRequest,
     VLLMUnloadLoraRequest,
 )
-from gateway.routes.deps import gateway_state, require_api_key
+from gateway.routes.deps import gateway_state, require_admin_key
 from gateway.state import GatewayState
-
-
-async def require_admin_key(request: Request) -> None:
-    expected = (await gateway_state(request)).settings.admin_key
-    if expected is None:
-        await require_api_key(request)
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), expected.encode()):
-        raise AuthenticationError("The adapter admin API needs `Authorization: Bearer <admin key>`.",
-                                  code="invalid_admin_key")
-
 
 router = APIRouter(dependencies=[Depends(require_admin_key)])
 
@@ -64,6 +49,7 @@ def describe(adapter: Adapter, state: GatewayState) -> AdapterObject:
 
 @router.get("/v1/adapters")
 async def list_adapters(state: GatewayState = Depends(gateway_state)) -> AdapterList:
+    await state.adapters.refresh_catalog()
     return AdapterList(data=[describe(a, state) for a in state.adapters.catalog()])
 
 

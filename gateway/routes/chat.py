@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
+from gateway.admission import check_sizes
 from gateway.disconnects import while_connected
 from gateway.errors import InvalidRequest
 from gateway.experiments.hooks import observe, resolve_route
@@ -40,7 +41,7 @@ from gateway.protocol.chat import (
 )
 from gateway.protocol.common import Usage
 from gateway.registry import Target
-from gateway.routes.deps import gateway_state, require_api_key
+from gateway.routes.deps import admit_generation, gateway_state, require_api_key
 from gateway.sse import sse_response
 from gateway.state import GatewayState
 from gateway.streaming import TextPiece
@@ -172,11 +173,12 @@ async def render_chat_prompt(body: ChatCompletionRequest, request: Request,
                         tools_ignored=chat.tools_ignored, messages_dropped=chat.messages_dropped)
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@router.post("/v1/chat/completions", response_model=None, dependencies=[Depends(admit_generation)])
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, response: Response, state: GatewayState = Depends(gateway_state)
 ) -> JSONResponse | Any:
     note_unknown_fields(state, body)
+    check_sizes(state.settings, body.messages, body.tools)
     resolution = resolve_route(state, body, request)  # a route becomes one of its variants before the lease
     async with state.adapters.leased(resolution.model) as lease:
         target = lease.target

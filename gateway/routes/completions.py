@@ -22,7 +22,7 @@ from gateway.generation import (
 )
 from gateway.protocol.common import Usage
 from gateway.protocol.completions import Completion, CompletionChoice, CompletionChunk, CompletionRequest
-from gateway.routes.deps import gateway_state, require_api_key
+from gateway.routes.deps import admit_generation, gateway_state, require_api_key
 from gateway.sse import sse_response
 from gateway.state import GatewayState
 from gateway.streaming import TextPiece
@@ -46,7 +46,7 @@ def prepare_text(state: GatewayState, body: CompletionRequest) -> PreparedPrompt
     return PreparedPrompt(text=prompt, token_ids=token_ids, stop=tuple(body.stop_list()))
 
 
-@router.post("/v1/completions", response_model=None)
+@router.post("/v1/completions", response_model=None, dependencies=[Depends(admit_generation)])
 async def create_completion(body: CompletionRequest, request: Request, response: Response,
                             state: GatewayState = Depends(gateway_state)) -> Any:
     note_unknown_fields(state, body)

@@ -39,12 +39,14 @@ def describe_route(name: str, config: RouteConfig, state: GatewayState) -> Model
 
 @router.get("/v1/models")
 async def list_models(state: GatewayState = Depends(gateway_state)) -> ModelList:
+    await state.adapters.refresh_catalog()
     targets = [describe(t, state) for t in state.adapters.targets()]
     return ModelList(data=targets + [describe_route(n, c, state) for n, c in state.routes])
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, state: GatewayState = Depends(gateway_state)) -> Model:
+    await state.adapters.refresh_catalog()
     for target in state.adapters.targets():
         if target.name == model_id:
             return describe(target, state)

@@ -186,3 +186,25 @@ async def test_max_tokens_is_capped_by_the_context(model_dirs: dict[str, Path]) 
         await backend.aclose()
     assert deltas[-1].finish_reason == "length"
     assert 3 + sum(len(d.token_ids) for d in deltas) == 256
+
+
+async def test_running_and_waiting_rows_per_adapter(model_dirs: dict[str, Path]) -> None:
+    """What ``vllm:lora_requests_info`` reads on the native engine: rows in the batch vs waiting for a slot."""
+    from gateway.request_context import RequestContext, activate, deactivate
+
+    backend = await _backend(model_dirs, max_batch_size=1)
+    try:
+        ctx = RequestContext(request_id="q", method="POST", path="/v1/completions")
+        token = activate(ctx)
+        first = backend.generate(_request([5, 6, 7], "a", max_tokens=200, ignore_eos=True))
+        await anext(first)  # "a" is in the batch, decoding
+        deactivate(token)
+        second = asyncio.ensure_future(_collect(backend, _request([8, 9], "b", max_tokens=2)))
+        await asyncio.sleep(0.05)
+        assert backend.adapter_requests() == ({"a": 1}, {"b": 1})
+        await first.aclose()  # frees the only slot: "b" runs, then ends
+        assert len(await second) == 2
+        assert backend.adapter_requests() == ({}, {})
+        assert ctx.engine_queue_seconds is not None and ctx.engine_queue_seconds >= 0
+    finally:
+        await backend.aclose()

@@ -205,7 +205,7 @@ def test_gateway_serve_process_with_lmdeploy_upstream(demo) -> None:  # type: ig
     assert recorder.bodies("/v1/completions")[0]["model"] == "pku-assistant"
 
 
-def test_gateway_health_follows_upstream_health_checks(demo) -> None:  # type: ignore[no-untyped-def]
+def test_gateway_ready_follows_upstream_health_checks(demo) -> None:  # type: ignore[no-untyped-def]
     import time
 
     import httpx
@@ -222,13 +222,14 @@ def test_gateway_health_follows_upstream_health_checks(demo) -> None:  # type: i
         )
         server = gateway_for(settings)
         try:
-            assert httpx.get(server.url + "/health").status_code == 200
+            assert httpx.get(server.url + "/ready").status_code == 200
             recorder.faults.health_status = 503
             deadline = time.monotonic() + 2
-            while httpx.get(server.url + "/health").status_code != 503:
-                assert time.monotonic() < deadline, "gateway /health never noticed the upstream going down"
+            while httpx.get(server.url + "/ready").status_code != 503:
+                assert time.monotonic() < deadline, "gateway /ready never noticed the upstream going down"
                 time.sleep(0.05)
-            body = httpx.get(server.url + "/health").json()
-            assert body["backend"] == "lmdeploy" and body[upstream.url]["healthy"] is False
+            body = httpx.get(server.url + "/health")  # alive all the same: a liveness probe must not restart it
+            assert body.status_code == 200
+            assert body.json()["backend"] == "lmdeploy" and body.json()[upstream.url]["healthy"] is False
         finally:
             server.stop()

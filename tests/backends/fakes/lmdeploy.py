@@ -79,7 +79,7 @@ def create_app(base: str, answers: dict[str, str], recorder: Recorder) -> FastAP
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest, raw: Request) -> Any:
-        recorder.requests.append(Recorded("POST", "/v1/completions", await raw.json()))
+        recorder.requests.append(Recorded("POST", "/v1/completions", await raw.json(), dict(raw.headers)))
         faults = recorder.faults
         if request.model not in answers:
             return error(404, f"The model {request.model!r} does not exist.", "not_found_error")

@@ -12,6 +12,7 @@ class Recorded:
     method: str
     path: str
     body: Any
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
