@@ -82,14 +82,16 @@ def serve(
         bool, typer.Option("--allow-unsafe-adapters", help=_help("allow_unsafe_adapters"))
     ] = False,
     admin_key: Annotated[Optional[str], typer.Option(help=_help("admin_key"))] = None,  # noqa: UP045
+    drain_timeout: Annotated[Optional[int], typer.Option(help=_help("drain_timeout"))] = None,  # noqa: UP045
+    workers: Annotated[Optional[int], typer.Option(help=_help("workers"))] = None,  # noqa: UP045
+    check_config: Annotated[bool, typer.Option(
+        "--check-config", help="Check the settings and the files they name (templates, adapters; no weights "
+        "loaded, no upstream contacted), print a summary as JSON and exit: 0 when serving would start, 2 if not.")
+    ] = False,
     config: Annotated[Optional[Path], typer.Option(help="YAML file with settings (flags win).")] = None,  # noqa: UP045
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "info",
 ) -> None:
     """Serve the OpenAI-compatible API."""
-    import uvicorn
-
-    from gateway.app import create_app
-
     try:
         settings = Settings.load(
             config,
@@ -118,11 +120,31 @@ def serve(
             pins=tuple(pin) or None,
             allow_unsafe_adapters=allow_unsafe_adapters or None,
             admin_key=admin_key,
+            drain_timeout=drain_timeout,
+            workers=workers,
         )
     except SettingsError as exc:
         raise typer.BadParameter(str(exc)) from None
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level.lower())
+    if check_config:
+        _check_config(settings)
+        return
+    from gateway.lifecycle import run_server
+
+    run_server(settings, log_level=log_level.lower())
+
+
+def _check_config(settings: Settings) -> None:
+    import anyio
+
+    from gateway.config_check import check_config
+
+    try:
+        summary = anyio.run(check_config, settings)
+    except SettingsError as exc:
+        typer.echo(f"configuration error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(summary, indent=2))
 
 
 @demo_app.command("build")
