@@ -30,8 +30,8 @@ from typing import Any
 
 from backends.base import Capabilities, Delta, GenerationRequest
 from backends.completions import CompletionsBackend, parse_completion_stream, sampling_fields, sse_error
-from backends.upstream_errors import map_adapter_error_response, map_error_response
 from backends.lora_affinity import parse_lora_requests_info
+from backends.upstream_errors import map_adapter_error_response, map_error_response
 from backends.upstream_pool import Replica, UpstreamPool, relay
 from gateway.errors import AdapterLoadError, BackendUnavailable, GatewayError, UpstreamError
 

@@ -146,7 +146,8 @@ class FakeVLLM:
                                                   "finish_reason": "length" if i == count - 1 else None}
                         if i == 0:
                             choice["prompt_token_ids"] = ids
-                        yield f"data: {json.dumps({'object': 'text_completion', 'model': model, 'choices': [choice]})}\n\n"
+                        event = {"object": "text_completion", "model": model, "choices": [choice]}
+                        yield f"data: {json.dumps(event)}\n\n"
                         await asyncio.sleep(self.delay_each)
                     usage = {"prompt_tokens": len(ids), "completion_tokens": count, "total_tokens": len(ids) + count}
                     yield f"data: {json.dumps({'object': 'text_completion', 'choices': [], 'usage': usage})}\n\n"
