@@ -94,14 +94,15 @@ def fresh_multiproc_dir() -> str:
     return tempfile.mkdtemp(prefix="lora-gateway-metrics-")
 
 
-def run_server(settings: Settings, *, log_level: str = "info") -> None:
+def run_server(settings: Settings, *, log_level: str = "info", access_log: bool = True) -> None:
     """Serve until stopped: one process with the drain, or ``settings.workers`` processes under uvicorn."""
     if settings.workers == 1:
         from gateway.app import create_app
 
         lifecycle = Lifecycle()
         config = uvicorn.Config(create_app(settings, lifecycle=lifecycle), host=settings.host, port=settings.port,
-                                log_level=log_level, timeout_graceful_shutdown=settings.drain_timeout)
+                                log_level=log_level, access_log=access_log,
+                                timeout_graceful_shutdown=settings.drain_timeout)
         DrainingServer(config, lifecycle).run()
         return
     metrics_dir = fresh_multiproc_dir()
@@ -109,6 +110,7 @@ def run_server(settings: Settings, *, log_level: str = "info") -> None:
     os.environ[SETTINGS_ENV] = settings.model_dump_json()
     try:
         uvicorn.run("gateway.app:create_app_from_env", factory=True, host=settings.host, port=settings.port,
-                    workers=settings.workers, log_level=log_level, timeout_graceful_shutdown=settings.drain_timeout)
+                    workers=settings.workers, log_level=log_level, access_log=access_log,
+                    timeout_graceful_shutdown=settings.drain_timeout)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
