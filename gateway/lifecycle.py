@@ -15,8 +15,11 @@ shutdown is skipped). Kubernetes sends SIGTERM after the pod's ``preStop`` hook,
 endpoint is gone from every Service before the listener closes (deploy/kubernetes).
 
 With ``--workers N`` (upstream backends only) uvicorn's process supervisor runs N copies of the app built by
-``gateway.app:create_app_from_env`` from settings the parent hands over in ``SETTINGS_ENV``; each worker drains
-the same way when the parent forwards the SIGTERM, with ``drain_timeout`` each.
+``gateway.app:create_app_from_env`` from settings the parent hands over in ``SETTINGS_ENV``. On SIGTERM the
+supervisor forwards the signal and each worker lets its requests in flight finish within ``drain_timeout``, but
+uvicorn's own worker servers do not flip ``/ready``, the supervisor keeps the shared listening socket open until
+they exit (new connections wait in its backlog instead of being refused) and a second SIGTERM does not cut the
+drain short. Hence one worker per pod on Kubernetes, where the pod count scales instead.
 """
 
 from __future__ import annotations
