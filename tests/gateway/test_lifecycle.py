@@ -86,8 +86,8 @@ def test_sigterm_lets_streams_in_flight_finish_then_exits_0(demo_env: dict[str, 
             stream.join(timeout=90)
             assert stream.error is None
             assert stream.lines[-1] == "data: [DONE]"
-            assert stream.usage() == {"prompt_tokens": stream.usage()["prompt_tokens"],  # type: ignore[index]
-                                      "completion_tokens": 80, "total_tokens": stream.usage()["total_tokens"]}  # type: ignore[index]
+            usage = stream.usage()
+            assert usage is not None and usage["completion_tokens"] == 80, "the whole answer, not a part"
         assert exit_status(gateway, within=30) == 0
         assert "draining" in gateway.log()
 
