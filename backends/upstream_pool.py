@@ -2,15 +2,22 @@
 
 Contract:
 
-* A request goes to the healthy replica with the fewest requests in flight (ties: the first configured).
-  Replicas marked unhealthy are tried only after every healthy one, so a recovered upstream is found again
-  without waiting for the next health check.
+* A request goes to the healthy replica with the fewest requests in flight (ties: the first configured); a request
+  for a LoRA adapter first to the replicas where it is active (``backends.lora_affinity``: the Inference
+  Extension's lora-affinity scores), then by fewest in flight. Replicas marked unhealthy are tried only after every
+  healthy one, so a recovered upstream is found again without waiting for the next health check.
+* ``prepare(replica)`` runs before a request is sent to a replica (the vLLM backend registers the adapter there);
+  ``repair(replica, status, body)`` may fix a 4xx answer (re-register a LoRA the replica forgot), after which the
+  same replica is tried once more.
+* A replica that was down and answers its health check again, or is marked down, loses what the pool knew of it
+  (``registered`` adapters, LoRA residency): a restarted upstream has forgotten runtime-loaded adapters.
 * A replica that fails *before the first line of its answer* (connection refused, connect/first-byte timeout,
   a 5xx status) is retried on the next replica. Once a line has been handed to the caller nothing is retried:
   the failure surfaces as ``UpstreamError``.
 * Nothing reachable -> ``BackendUnavailable`` (503), as fast as the connect attempts fail.
 * 4xx answers are not retried; they are turned into our errors by the caller's ``ErrorMapper``.
-* Health checks run in a background task between ``start()`` and ``aclose()``; ``check_health()`` runs one round.
+* Health checks run in a background task between ``start()`` and ``aclose()``; ``check_health()`` runs one round,
+  then the ``watchers`` (``add_watcher``) for every healthy replica, e.g. a scrape of its LoRA residency.
 
 Every foreign exception (httpx, timeouts, JSON) is translated here or in the protocol modules that use the pool.
 """
@@ -19,9 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -29,6 +36,7 @@ import httpx
 
 from backends.base import Delta, Health
 from backends.http_transport import KeepAliveTransport
+from backends.lora_affinity import LoraResidency
 from gateway.errors import BackendUnavailable, GatewayError, UpstreamError
 from gateway.request_context import current_request
 
@@ -66,6 +74,18 @@ class Replica:
     healthy: bool = True
     in_flight: int = 0
     last_error: str = ""
+    registered: set[str] = field(default_factory=set)  # adapters the upstream confirmed it serves
+    refused: dict[str, str] = field(default_factory=dict)  # adapter -> why it cannot load it (not routed there)
+    lora: LoraResidency = field(default_factory=LoraResidency)
+
+    def forget_adapters(self) -> None:
+        """It restarted, or may have: what it had loaded is unknown until asked again."""
+        self.registered.clear()
+        self.refused.clear()
+        self.lora.forget()
+
+
+Watcher = Callable[[Replica], Awaitable[None]]
 
 
 def default_error_mapper(status: int, body: bytes) -> GatewayError:
@@ -103,6 +123,12 @@ class UpstreamPool:
         # Streams get no per-read timer from httpx: the first-byte and idle deadlines below already bound each read.
         self._stream_timeout = httpx.Timeout(connect=t.connect, read=None, write=t.request, pool=t.connect)
         self._health_task: asyncio.Task[None] | None = None
+        self._watchers: list[Watcher] = []
+        self.lora_affinity = True  # False: fewest in flight only (the baseline of bench/lora_affinity.py)
+
+    def add_watcher(self, watcher: Watcher) -> None:
+        """Run ``watcher(replica)`` for each healthy replica after every health round (its errors are its own)."""
+        self._watchers.append(watcher)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -128,16 +154,21 @@ class UpstreamPool:
             await self.check_health()
 
     async def check_health(self) -> None:
-        """Probe every replica's ``health_path`` concurrently; a 2xx marks it healthy."""
+        """Probe every replica's ``health_path`` concurrently; a 2xx marks it healthy. Then run the watchers."""
         await asyncio.gather(*(self._probe(replica) for replica in self.replicas))
 
     async def _probe(self, replica: Replica) -> None:
         try:
             response = await self._client.get(replica.url + self.health_path, timeout=self.timeouts.health)
         except httpx.HTTPError as exc:
-            replica.healthy, replica.last_error = False, f"{type(exc).__name__}: {exc}"
+            self._mark_down(replica, exc)
             return
+        if response.is_success and not replica.healthy:
+            replica.forget_adapters()  # back from down: possibly a fresh process
         replica.healthy = response.is_success
+        if replica.healthy:
+            for watcher in self._watchers:
+                await watcher(replica)
         replica.last_error = "" if response.is_success else f"health check answered HTTP {response.status_code}"
 
     def health(self) -> Health:
@@ -151,12 +182,19 @@ class UpstreamPool:
         )
 
     # ------------------------------------------------------------------ routing
-    def candidates(self) -> list[Replica]:
-        """Replicas in the order to try them: healthy by fewest in flight, then unhealthy ones."""
-        healthy = sorted((r for r in self.replicas if r.healthy), key=lambda r: r.in_flight)
-        return healthy + [r for r in self.replicas if not r.healthy]
+    def candidates(self, adapter: str | None = None) -> list[Replica]:
+        """Replicas in the order to try them: healthy ones (for an adapter: by lora-affinity score, then) by fewest
+        in flight, then unhealthy ones. Replicas that refused ``adapter`` are left out."""
+        usable = [r for r in self.replicas if adapter is None or adapter not in r.refused]
+        if adapter is None or not self.lora_affinity:
+            healthy = sorted((r for r in usable if r.healthy), key=lambda r: r.in_flight)
+        else:
+            healthy = sorted((r for r in usable if r.healthy), key=lambda r: (-r.lora.score(adapter), r.in_flight))
+        return healthy + [r for r in usable if not r.healthy]
 
     def _mark_down(self, replica: Replica, exc: BaseException) -> None:
+        if replica.healthy:
+            replica.forget_adapters()
         replica.healthy = False
         replica.last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
@@ -167,6 +205,9 @@ class UpstreamPool:
         *,
         error_mapper: ErrorMapper = default_error_mapper,
         first_line_error: Callable[[str], GatewayError | None] | None = None,
+        adapter: str | None = None,
+        prepare: Watcher | None = None,
+        repair: Callable[[Replica, int, bytes], Awaitable[bool]] | None = None,
     ) -> AsyncGenerator[str, None]:
         """POST ``payload`` as JSON and yield the answer line by line (blank lines included).
 
@@ -174,11 +215,27 @@ class UpstreamPool:
         recognises an in-stream error object as that first line: a 5xx-class one is retried like a 5xx status.
         Closing the iterator before the answer ended closes the upstream connection, which is how the upstream
         learns the request was cancelled; reading it to the end returns the connection to the keep-alive pool.
+        ``adapter`` (the upstream's LoRA name) orders the replicas; ``prepare`` and ``repair``: see the module doc.
         """
         failures: list[str] = []
         answered: GatewayError | None = None  # the error of the last replica that answered with a 5xx
-        for replica in self.candidates():
+        queue = self.candidates(adapter)
+        repaired: set[str] = set()
+        while queue:
+            replica = queue.pop(0)
+            if prepare is not None:
+                try:
+                    await prepare(replica)
+                except BackendUnavailable as exc:  # unreachable; the pool marked it down
+                    failures.append(f"{replica.url}: {exc.message}")
+                    continue
+                except GatewayError as exc:  # it cannot take the adapter
+                    failures.append(f"{replica.url}: {exc.message}")
+                    answered = exc
+                    continue
             replica.in_flight += 1
+            if adapter is not None:
+                replica.lora.begin(adapter)
             response: httpx.Response | None = None
             try:
                 try:
@@ -192,6 +249,11 @@ class UpstreamPool:
                             body = await response.aread()
                             error = error_mapper(response.status_code, body)
                             if response.status_code < 500:
+                                if (repair is not None and replica.url not in repaired
+                                        and await repair(replica, response.status_code, body)):
+                                    repaired.add(replica.url)  # fixed: the same replica once more
+                                    queue.insert(0, replica)
+                                    continue
                                 raise error
                             replica.last_error = f"HTTP {response.status_code}"
                             failures.append(f"{replica.url}: HTTP {response.status_code}")
@@ -251,6 +313,8 @@ class UpstreamPool:
                         ) from exc
             finally:
                 replica.in_flight -= 1
+                if adapter is not None:
+                    replica.lora.end(adapter)
                 if response is not None:
                     await response.aclose()
         if answered is not None:

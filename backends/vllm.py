@@ -10,20 +10,30 @@ vLLM facts this relies on (checked against vLLM 0.32's OpenAI server):
 * Errors: ``{"error": {"message", "type", "param", "code": <int>}}`` (older: flat ``{"object": "error", ...}``).
 * LoRAs: ``--enable-lora --lora-modules name=path`` at start, listed by ``/v1/models`` with ``parent``/``root``;
   with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` also ``POST /v1/load_lora_adapter {"lora_name", "lora_path"}``
-  and ``POST /v1/unload_lora_adapter {"lora_name"}``. A bad path answers 404 or 400.
+  and ``POST /v1/unload_lora_adapter {"lora_name"}``. A bad path answers 404 or 400. Loading a name it already
+  serves answers 400, so we look at ``/v1/models`` first. A restarted vLLM has forgotten runtime-loaded LoRAs and
+  answers 404 for them.
+* ``/metrics`` has ``vllm:lora_requests_info`` (running/waiting adapters, ``max_lora``): see backends.lora_affinity.
+
+Replicas: a runtime-loaded adapter is registered on every replica that can take it. A replica that is down at load
+time, or restarted since, gets it before it receives a request for it (``_ensure_on``, the pool's ``prepare``),
+and again after a 404 for it (the pool's ``repair``, then the request is retried there once). Each health round
+also compares every healthy replica's ``/v1/models`` with what it should serve and scrapes its LoRA residency.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from backends.base import Capabilities, Delta, GenerationRequest
 from backends.completions import CompletionsBackend, parse_completion_stream, sampling_fields, sse_error
+from backends.lora_affinity import parse_lora_requests_info
 from backends.upstream_errors import map_adapter_error_response, map_error_response
-from backends.upstream_pool import UpstreamPool, relay
-from gateway.errors import AdapterLoadError, UpstreamError
+from backends.upstream_pool import Replica, UpstreamPool, relay
+from gateway.errors import AdapterLoadError, BackendUnavailable, GatewayError, UpstreamError
 
 
 class VLLMBackend(CompletionsBackend):
@@ -51,6 +61,8 @@ class VLLMBackend(CompletionsBackend):
         self.verify_prompt_ids = verify_prompt_ids
         if not runtime_lora_updating:
             self.capabilities = Capabilities(runtime_adapters=False, token_ids_in=True, token_ids_out=True)
+        self._replica_locks = {replica.url: asyncio.Lock() for replica in pool.replicas}
+        pool.add_watcher(self._watch)
 
     def build_payload(self, request: GenerationRequest) -> dict[str, Any]:
         s = request.sampling
@@ -71,15 +83,28 @@ class VLLMBackend(CompletionsBackend):
         return body
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        if not self.verify_prompt_ids:
-            return super().generate(request)
-        # vLLM's echo of the prompt ids arrives in the first chunk; we read it off the raw lines.
         payload = self.build_payload(request)
-        sent = payload["prompt"]
+        lora = payload["model"] if request.adapter is not None else None
+        loaded = request.adapter is not None and self._adapters[request.adapter][1] is not None
+
+        async def prepare(replica: Replica) -> None:
+            await self._ensure_on(replica, lora)  # type: ignore[arg-type]
+
+        async def repair(replica: Replica, status: int, body: bytes) -> bool:
+            if status != 404:
+                return False
+            replica.registered.discard(lora)  # type: ignore[arg-type]
+            await self._ensure_on(replica, lora)  # type: ignore[arg-type]
+            return True
+
         lines = self.pool.stream_lines(
-            "/v1/completions", payload, error_mapper=map_error_response, first_line_error=sse_error
+            "/v1/completions", payload, error_mapper=map_error_response, first_line_error=sse_error, adapter=lora,
+            prepare=prepare if loaded else None, repair=repair if loaded else None,
         )
-        checked = _PromptEchoCheck(lines, sent)
+        if not self.verify_prompt_ids:
+            return relay(lines, parse_completion_stream)
+        # vLLM's echo of the prompt ids arrives in the first chunk; we read it off the raw lines.
+        checked = _PromptEchoCheck(lines, payload["prompt"])
         return relay(lines, lambda raw: parse_completion_stream(checked))
 
     # ------------------------------------------------------------------ adapters
@@ -102,26 +127,91 @@ class VLLMBackend(CompletionsBackend):
                 f"vLLM does not serve adapter {name!r} and runtime LoRA updating is off; start vLLM with"
                 f" --lora-modules {name}={self.upstream_path(path)} or set VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"
             )
+        self._adapters[name] = (name, path)  # what _ensure_on loads
+        errors: list[GatewayError] = []
         for replica in self.pool.replicas:
-            await self.pool.request(
-                "POST",
-                "/v1/load_lora_adapter",
-                json={"lora_name": name, "lora_path": self.upstream_path(path)},
-                replica=replica,
-                error_mapper=map_adapter_error_response,
-            )
+            replica.refused.pop(name, None)
+            replica.registered.discard(name)
+            try:
+                await self._ensure_on(replica, name)
+            except BackendUnavailable:
+                continue  # down: it gets the adapter when it is back (health watcher, or before its first request)
+            except GatewayError as exc:
+                errors.append(exc)
+        if not any(name in replica.registered for replica in self.pool.replicas):
+            del self._adapters[name]
+            if errors:
+                raise errors[0]
+            raise BackendUnavailable(f"no vLLM replica could be reached to load adapter {name!r}")
         return name, path
+
+    def _runtime_loaded(self) -> dict[str, str]:
+        """upstream LoRA name -> path, for the adapters this backend loads itself."""
+        return {upstream: path for upstream, path in self._adapters.values() if path is not None}
+
+    async def _ensure_on(self, replica: Replica, lora: str) -> None:
+        """``lora`` (loaded by us) is served by ``replica`` when this returns; raises ``BackendUnavailable`` when the
+        replica cannot be reached, ``AdapterLoadError`` when it refuses the adapter."""
+        if lora in replica.registered:
+            return
+        async with self._replica_locks[replica.url]:
+            if lora in replica.registered:
+                return
+            await self._sync(replica)
+        if lora in replica.refused:
+            raise AdapterLoadError(f"vLLM at {replica.url} cannot load adapter {lora!r}: {replica.refused[lora]}")
+
+    async def _sync(self, replica: Replica) -> None:
+        """Ask ``replica`` what it serves; load the runtime adapters it lacks (it restarted, or was down)."""
+        response = await self.pool.request("GET", "/v1/models", replica=replica, error_mapper=map_error_response)
+        try:
+            served = {m["id"] for m in response.json()["data"] if isinstance(m, dict)}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UpstreamError("upstream /v1/models answer is not an OpenAI model list") from exc
+        wanted = self._runtime_loaded()
+        replica.registered = {lora for lora in wanted if lora in served}
+        for lora, path in wanted.items():
+            if lora in served or lora in replica.refused:
+                continue
+            try:
+                await self.pool.request(
+                    "POST", "/v1/load_lora_adapter", json={"lora_name": lora, "lora_path": self.upstream_path(path)},
+                    replica=replica, error_mapper=map_adapter_error_response,
+                )
+            except AdapterLoadError as exc:
+                replica.refused[lora] = exc.message  # not routed there until it restarts or the adapter is reloaded
+                continue
+            replica.registered.add(lora)
+
+    async def _watch(self, replica: Replica) -> None:
+        """After each health round: re-register what a restarted replica forgot; read its LoRA residency."""
+        try:
+            if self._runtime_loaded():  # a replica restarted between two rounds answers health as if nothing happened
+                async with self._replica_locks[replica.url]:
+                    await self._sync(replica)
+            response = await self.pool.request("GET", "/metrics", replica=replica, ok_statuses=(404,))
+        except GatewayError:
+            return  # the next round tries again; requests still go through _ensure_on
+        if response.is_success:
+            info = parse_lora_requests_info(response.text)
+            if info is not None:
+                replica.lora.reported = info
 
     async def _deregister_adapter(self, upstream_name: str) -> None:
         for replica in self.pool.replicas:
-            await self.pool.request(
-                "POST",
-                "/v1/unload_lora_adapter",
-                json={"lora_name": upstream_name},
-                replica=replica,
-                error_mapper=map_adapter_error_response,
-                ok_statuses=(404,),  # already gone on that replica
-            )
+            replica.registered.discard(upstream_name)
+            replica.refused.pop(upstream_name, None)
+            try:
+                await self.pool.request(
+                    "POST",
+                    "/v1/unload_lora_adapter",
+                    json={"lora_name": upstream_name},
+                    replica=replica,
+                    error_mapper=map_adapter_error_response,
+                    ok_statuses=(404,),  # already gone on that replica
+                )
+            except BackendUnavailable:
+                continue  # down: when it comes back it has forgotten the adapter, or we never ask it to serve it
 
 
 class _PromptEchoCheck:

@@ -92,11 +92,9 @@ def run_upstream(port: int, tokens: int, interval: float) -> None:
     )
 
 
-def run_gateway(port: int, upstream: str) -> None:
-    import uvicorn
-
-    from gateway.app import create_app
+def run_gateway(port: int, upstream: str, workers: int) -> None:
     from gateway.demo import build_demo
+    from gateway.lifecycle import run_server
     from gateway.settings import Settings
 
     settings = Settings(
@@ -107,8 +105,11 @@ def run_gateway(port: int, upstream: str) -> None:
         upstream=(upstream,),
         upstream_model="bench-base",
         upstream_health_interval=0,
+        host="127.0.0.1",
+        port=port,
+        workers=workers,
     )
-    uvicorn.run(create_app(settings), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    run_server(settings, log_level="warning", access_log=False)  # as `gateway serve --workers N` runs it
 
 
 def run_backend_proxy(port: int, upstream: str) -> None:
@@ -265,9 +266,12 @@ def free_port() -> int:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far (Linux /proc)."""
+    """User + system CPU time a process and its live child processes (``--workers``) have used so far (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    kids = [int(c) for c in children.read_text().split()] if children.exists() else []
+    return own + sum(cpu_seconds(kid) for kid in kids)
 
 
 async def metered(port: int, body: dict[str, Any], concurrency: int, per: int, pids: dict[str, int]) -> dict[str, Any]:
@@ -345,6 +349,7 @@ def main() -> None:
         help="gateway: the real app; backend: only the upstream backend behind a bare ASGI app (attribution); "
         "relay: a byte relay that parses nothing (the floor any proxy pays here)",
     )
+    parser.add_argument("--workers", type=int, default=1, help="gateway processes (gateway serve --workers)")
     parser.add_argument(
         "--role", choices=["bench", "upstream", "gateway", "backend", "relay"], default="bench", help=argparse.SUPPRESS
     )
@@ -354,7 +359,7 @@ def main() -> None:
     if args.role == "upstream":
         return run_upstream(args.port, args.tokens, args.interval_ms / 1000)
     if args.role == "gateway":
-        return run_gateway(args.port, args.upstream)
+        return run_gateway(args.port, args.upstream, args.workers)
     if args.role == "backend":
         return run_backend_proxy(args.port, args.upstream)
     if args.role == "relay":
@@ -366,7 +371,9 @@ def main() -> None:
     common = ["--tokens", str(args.tokens), "--interval-ms", str(args.interval_ms)]
     upstream = subprocess.Popen([*me, "--role", "upstream", "--port", str(up_port), *common], env=env)
     gateway = subprocess.Popen(
-        [*me, "--role", args.through, "--port", str(gw_port), "--upstream", f"http://127.0.0.1:{up_port}"], env=env
+        [*me, "--role", args.through, "--port", str(gw_port), "--upstream", f"http://127.0.0.1:{up_port}",
+         "--workers", str(args.workers)],
+        env=env,
     )
     try:
         wait_port(up_port)
@@ -376,7 +383,8 @@ def main() -> None:
             "backend": "OpenAICompatBackend in a bare ASGI app",
             "relay": "a byte relay (no HTTP parsing)",
         }[args.through]
-        print(f"upstream: {args.tokens} tokens, {args.interval_ms:g} ms apart; through: {what}")
+        print(f"upstream: {args.tokens} tokens, {args.interval_ms:g} ms apart; through: {what}; "
+              f"{args.workers} gateway worker(s)")
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             pids = {"client": os.getpid(), "upstream": upstream.pid, "gateway": gateway.pid}
             results = runner.run(measure(args, up_port, gw_port, pids))
@@ -399,6 +407,7 @@ def main() -> None:
         "tokens": args.tokens,
         "interval_ms": args.interval_ms,
         "through": args.through,
+        "workers": args.workers,
         "levels": {
             k: {kk: round(vv, 3) for kk, vv in v.items() if kk.startswith(("added", "rps", "gateway_cpu"))}
             for k, v in results.items()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -15,6 +16,7 @@ from gateway.admission import KeyLimits
 from gateway.boundary import REQUEST_ID_HEADER, BodyLimit, RequestBoundary
 from gateway.errors import install_error_handlers
 from gateway.keys import KeyRing
+from gateway.lifecycle import SETTINGS_ENV, Lifecycle
 from gateway.metrics import Metrics
 from gateway.observe import AccessObserver
 from gateway.openapi import install_openapi
@@ -25,9 +27,10 @@ from gateway.settings import Settings
 DEFAULT_TOKEN_BUCKETS_UP_TO = 1_000_000  # token-count histograms when --max-model-len is not given
 
 
-def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI:
-    """The gateway app. ``backend`` replaces the configured one (tests pass a fake). Raises ``SettingsError`` for
-    unusable keys or limit storage."""
+def create_app(settings: Settings, *, backend: Backend | None = None, lifecycle: Lifecycle | None = None) -> FastAPI:
+    """The gateway app. ``backend`` replaces the configured one (tests pass a fake); ``lifecycle`` is the
+    drain state the server flips on SIGTERM (``app.state.lifecycle``; a fresh one when not given). Raises
+    ``SettingsError`` for unusable keys or limit storage."""
 
     metrics = Metrics(model_name=settings.served_model_name or "", backend=settings.backend,
                       max_model_len=settings.max_model_len or DEFAULT_TOKEN_BUCKETS_UP_TO)
@@ -46,6 +49,7 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
 
     app = FastAPI(title="lora-gateway", version=__version__, lifespan=lifespan)
     app.state.settings, app.state.metrics, app.state.keys, app.state.limits = settings, metrics, keys, limits
+    app.state.lifecycle = lifecycle or Lifecycle()
     install_error_handlers(app)
     install_openapi(app, lambda: [t.name for t in app.state.gateway.adapters.targets()]
                     if hasattr(app.state, "gateway") else [])
@@ -60,3 +64,9 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
         app.include_router(module.router)
     app.mount("/web", pages.static_files(), name="web")
     return app
+
+
+def create_app_from_env() -> FastAPI:
+    """The app of one ``--workers`` process (uvicorn's ``factory=True`` import string), with the settings that
+    ``gateway serve`` put in ``SETTINGS_ENV`` as JSON (already validated there)."""
+    return create_app(Settings.model_validate_json(os.environ[SETTINGS_ENV]))

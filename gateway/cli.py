@@ -125,6 +125,8 @@ def server_settings(
     feedback_store_text: Annotated[
         bool, typer.Option("--feedback-store-text", help=_help("feedback_store_text"))
     ] = False,
+    drain_timeout: Annotated[Optional[int], typer.Option(help=_help("drain_timeout"))] = None,  # noqa: UP045
+    workers: Annotated[Optional[int], typer.Option(help=_help("workers"))] = None,  # noqa: UP045
     config: Annotated[Optional[Path], typer.Option(help="YAML file with settings (flags win).")] = None,  # noqa: UP045
 ) -> Settings:
     """The gateway's settings from the ``serve`` flags (the parameters here); a bad one is a usage error."""
@@ -174,6 +176,8 @@ def server_settings(
             routes=route_configs(route),
             feedback_db=feedback_db,
             feedback_store_text=feedback_store_text or None,
+            drain_timeout=drain_timeout,
+            workers=workers,
         )
     except SettingsError as exc:
         raise typer.BadParameter(str(exc)) from None
@@ -215,20 +219,40 @@ def with_server_flags(command: Callable[..., None]) -> Callable[..., None]:
 
 @app.command()
 @with_server_flags
-def serve(server: ServerFlags, log_level: Annotated[str, typer.Option(help="Logging level.")] = "info") -> None:
+def serve(
+    server: ServerFlags,
+    check_config: Annotated[bool, typer.Option(
+        "--check-config", help="Check the settings and the files they name (templates, adapters; no weights "
+        "loaded, no upstream contacted), print a summary as JSON and exit: 0 when serving would start, 2 if not.")
+    ] = False,
+    log_level: Annotated[str, typer.Option(help="Logging level.")] = "info",
+) -> None:
     """Serve the OpenAI-compatible API."""
-    import uvicorn
-
-    from gateway.app import create_app
-
     settings = server.settings()
-    try:
-        app_ = create_app(settings)  # unusable keys or limit storage are usage errors too
-    except SettingsError as exc:
-        raise typer.BadParameter(str(exc)) from None
+    if check_config:
+        _check_config(settings)
+        return
+    from gateway.lifecycle import run_server
+
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # access_log off: gateway.access writes one JSON line per request instead of uvicorn's text line
-    uvicorn.run(app_, host=settings.host, port=settings.port, log_level=log_level.lower(), access_log=False)
+    try:
+        # access_log off: gateway.access writes one JSON line per request instead of uvicorn's text line
+        run_server(settings, log_level=log_level.lower(), access_log=False)
+    except SettingsError as exc:  # unusable keys or limit storage, found when the app is built
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _check_config(settings: Settings) -> None:
+    import anyio
+
+    from gateway.config_check import check_config
+
+    try:
+        summary = anyio.run(check_config, settings)
+    except SettingsError as exc:
+        typer.echo(f"configuration error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(summary, indent=2))
 
 
 @app.command("eval")

@@ -88,6 +88,8 @@ async def serve_state(app: FastAPI, settings: Settings, backend: Backend | None,
 
 async def readiness(app: FastAPI) -> tuple[bool, dict[str, Any]]:
     """(ready, body) for ``GET /ready``."""
+    if app.state.lifecycle.draining:  # SIGTERM: finish what is in flight, take nothing new (gateway.lifecycle)
+        return False, {"status": "draining", "detail": "shutting down: requests in flight are finishing"}
     state: GatewayState | None = getattr(app.state, "gateway", None)
     if state is None:
         return False, {"status": "not_ready", "detail": app.state.not_ready or "starting"}

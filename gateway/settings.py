@@ -173,6 +173,11 @@ class Settings(BaseSettings):
         "`:memory:` keeps nothing)."))
     feedback_store_text: bool = Field(False, description=(
         "Also store each response's prompt and answer text with its record (off: only hashes and figures)."))
+    drain_timeout: int = Field(30, ge=0, description=(
+        "On SIGTERM: seconds requests in flight (streams included) may take to finish before they are cut."))
+    workers: int = Field(1, ge=1, description=(
+        "Gateway processes sharing the port (upstream backends only; adapters then come from the config and "
+        "--adapter-root, the admin API cannot load or unload)."))
 
     @field_validator("adapters", mode="after")
     @classmethod
@@ -227,6 +232,10 @@ class Settings(BaseSettings):
         if settings.max_adapters is not None and len(settings.pins) > settings.max_adapters:
             raise SettingsError(f"--pin names {len(settings.pins)} adapters but --max-adapters is "
                                 f"{settings.max_adapters}: pinned adapters must fit")
+        if settings.workers > 1 and settings.backend == "torch":
+            raise SettingsError(f"--workers {settings.workers} needs an upstream backend: the torch backend holds the "
+                                "model in its process, so each worker would load its own copy; use one worker "
+                                "(it batches requests) or run more replicas")
         if settings.backend != "torch" and not settings.upstream:
             raise SettingsError(f"--backend {settings.backend} needs at least one --upstream URL")
         return settings

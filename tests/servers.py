@@ -10,6 +10,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -21,10 +22,21 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@dataclass
+class GatewayProcess:
+    url: str  # no ``/v1``
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
 @contextmanager
-def running_gateway(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 120.0) -> Iterator[str]:
-    """Run ``python -m gateway.cli serve ARGS`` until the block ends; yields the base URL (no ``/v1``) once
-    ``/ready`` answers 200."""
+def gateway_process(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 120.0,
+                    ready_path: str = "/ready") -> Iterator[GatewayProcess]:
+    """Run ``python -m gateway.cli serve ARGS`` until the block ends (the process is stopped if still running);
+    yields once ``ready_path`` answers 200."""
     port = free_port()
     log = tempfile.NamedTemporaryFile("w+", prefix="gateway-", suffix=".log", delete=False)  # noqa: SIM115
     data_home = tempfile.TemporaryDirectory(prefix="gateway-data-")  # the feedback store, unless env says where
@@ -39,21 +51,29 @@ def running_gateway(args: list[str], *, env: dict[str, str] | None = None, timeo
             if process.poll() is not None:
                 raise RuntimeError(f"gateway exited with {process.returncode}:\n{Path(log.name).read_text()}")
             try:
-                if httpx.get(f"{url}/ready", timeout=1.0).status_code == 200:
+                if httpx.get(f"{url}{ready_path}", timeout=1.0).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"gateway did not start in {timeout} s:\n{Path(log.name).read_text()}")
             time.sleep(0.2)
-        yield url
+        yield GatewayProcess(url, process, Path(log.name))
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
         log.close()
         os.unlink(log.name)
         data_home.cleanup()
+
+
+@contextmanager
+def running_gateway(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 120.0) -> Iterator[str]:
+    """Run ``python -m gateway.cli serve ARGS`` until the block ends; yields the base URL (no ``/v1``)."""
+    with gateway_process(args, env=env, timeout=timeout) as gateway:
+        yield gateway.url

