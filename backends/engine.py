@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from backends.base import Delta, GenerationRequest
+from backends.base import Delta, GenerationRequest, TokenLogprob
 from backends.lora import LoraBank
-from backends.sampling import RowSampler, choose_tokens
+from backends.sampling import Choice, SamplingBatch, prompt_logprobs
 from gateway.errors import BackendUnavailable, GatewayError, Overloaded
 
 log = logging.getLogger(__name__)
@@ -47,13 +47,13 @@ class Sequence:
     request: GenerationRequest
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[Delta | GatewayError]
-    sampler: RowSampler
     stop_token_ids: frozenset[int]
     max_total_len: int
     generated: int = 0
     next_token: int = -1
     cancelled: bool = False
     position: int = field(init=False)
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # sent with the first token, then dropped
 
     def __post_init__(self) -> None:
         # Position id of ``next_token``: the last prompt token's until the first token is chosen.
@@ -99,6 +99,7 @@ class Engine:
         self._rows: list[Sequence] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None
+        self._sampling: SamplingBatch | None = None  # the rows' sampling state, in ``_rows`` order
         self._outbox: list[tuple[Sequence, Delta | GatewayError]] = []  # this step's output, handed over at its end
         self._thread = threading.Thread(target=self._loop, name="lora-gateway-engine", daemon=True)
         self._thread.start()
@@ -181,7 +182,7 @@ class Engine:
                 error = BackendUnavailable(f"the inference engine failed: {type(exc).__name__}")
                 for seq in [*self._rows, *joining]:
                     self._post(seq, error)
-                self._rows, self._cache, self._mask = [], None, None
+                self._rows, self._cache, self._mask, self._sampling = [], None, None, None
             self._flush()
         self._fail_all(BackendUnavailable("the engine stopped"))
 
@@ -221,10 +222,11 @@ class Engine:
         self._flush()
         for command in commands:
             command.future.set_exception(error)
-        self._rows, self._cache, self._mask = [], None, None
+        self._rows, self._cache, self._mask, self._sampling = [], None, None, None
 
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
-                 adapters: list[str | None]) -> torch.Tensor:
+                 adapters: list[str | None], every_position: bool = False) -> torch.Tensor:
+        """Logits of the last position ``[rows, vocab]``, or of every position ``[rows, length, vocab]``."""
         self.lora.select(adapters)
         out = self.model(
             input_ids=input_ids,
@@ -232,9 +234,9 @@ class Engine:
             position_ids=positions,
             past_key_values=cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=0 if every_position else 1,
         )
-        return out.logits[:, -1, :]
+        return out.logits if every_position else out.logits[:, -1, :]
 
     def _prefill(self, joining: list[Sequence]) -> None:
         longest = max(len(s.request.prompt_token_ids) for s in joining)
@@ -247,9 +249,21 @@ class Engine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
-        logits = self._forward(ids, mask, positions, cache, [s.adapter for s in joining])
-        self._join(joining, cache, mask)
-        self._accept(joining, choose_tokens(logits, [s.sampler for s in joining]))
+        # Prompt logprobs (echo) need every position's logits, only for prefills that have such a row.
+        echo = any(s.request.sampling.prompt_logprobs is not None for s in joining)
+        logits = self._forward(ids, mask, positions, cache, [s.adapter for s in joining], every_position=echo)
+        if echo:
+            for row, seq in enumerate(joining):
+                top = seq.request.sampling.prompt_logprobs
+                if top is not None:
+                    prompt = seq.request.prompt_token_ids
+                    seq.prompt_logprobs = prompt_logprobs(logits[row, longest - len(prompt) :], prompt, top)
+            logits = logits[:, -1, :]
+        sampling = SamplingBatch.of([s.request.sampling for s in joining],
+                                    [s.request.prompt_token_ids for s in joining], logits.shape[-1], self.device)
+        choice = sampling.choose(logits)
+        self._join(joining, cache, mask, sampling)
+        self._accept(joining, choice)
 
     def _decode(self) -> None:
         assert self._cache is not None and self._mask is not None
@@ -258,27 +272,33 @@ class Engine:
         positions = torch.tensor([[s.position] for s in rows], dtype=torch.long, device=self.device)
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
         logits = self._forward(ids, self._mask, positions, self._cache, [s.adapter for s in rows])
-        self._accept(rows, choose_tokens(logits, [s.sampler for s in rows]))
+        assert self._sampling is not None
+        self._accept(rows, self._sampling.choose(logits))
 
-    def _accept(self, rows: list[Sequence], tokens: list[int]) -> None:
+    def _accept(self, rows: list[Sequence], choice: Choice) -> None:
         finished = []
-        for seq, token in zip(rows, tokens, strict=True):
+        for seq, token, logprob in zip(rows, choice.tokens, choice.logprobs, strict=True):
             seq.generated += 1
             seq.position += 1
             seq.next_token = token
-            if token in seq.stop_token_ids:
-                self._post(seq, Delta(finish_reason="stop", completion_tokens=seq.generated))
+            prompt_lp, seq.prompt_logprobs = seq.prompt_logprobs, None
+            if token in seq.stop_token_ids:  # the stop token is not part of the answer, nor its logprob
+                self._post(seq, Delta(finish_reason="stop", completion_tokens=seq.generated,
+                                      prompt_logprobs=prompt_lp))
                 finished.append(seq)
-            elif seq.generated >= seq.request.sampling.max_tokens or seq.position + 1 >= seq.max_total_len:
-                self._post(seq, Delta(token_ids=(token,), finish_reason="length", completion_tokens=seq.generated))
+                continue
+            logprobs = () if logprob is None else (logprob,)
+            if seq.generated >= seq.request.sampling.max_tokens or seq.position + 1 >= seq.max_total_len:
+                self._post(seq, Delta(token_ids=(token,), finish_reason="length", completion_tokens=seq.generated,
+                                      logprobs=logprobs, prompt_logprobs=prompt_lp))
                 finished.append(seq)
             else:
-                self._post(seq, Delta(token_ids=(token,)))
+                self._post(seq, Delta(token_ids=(token,), logprobs=logprobs, prompt_logprobs=prompt_lp))
         self._drop_rows(finished)
 
-    def _join(self, joining: list[Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
-        if self._cache is None or self._mask is None:
-            self._rows, self._cache, self._mask = list(joining), cache, mask
+    def _join(self, joining: list[Sequence], cache: DynamicCache, mask: torch.Tensor, sampling: SamplingBatch) -> None:
+        if self._cache is None or self._mask is None or self._sampling is None:
+            self._rows, self._cache, self._mask, self._sampling = list(joining), cache, mask, sampling
             return
         width = max(self._mask.shape[1], mask.shape[1])
         layers = []
@@ -289,6 +309,7 @@ class Engine:
         self._cache = DynamicCache(ddp_cache_data=layers)
         self._mask = torch.cat([_left_pad(self._mask, width), _left_pad(mask, width)], dim=0)
         self._rows = self._rows + list(joining)
+        self._sampling = self._sampling.cat(sampling)
 
     def _drop_rows(self, leaving: list[Sequence]) -> None:
         if not leaving:
@@ -296,10 +317,11 @@ class Engine:
         gone = set(leaving)
         keep = [i for i, s in enumerate(self._rows) if s not in gone]
         self._rows = [self._rows[i] for i in keep]
-        if not keep or self._cache is None or self._mask is None:
-            self._rows, self._cache, self._mask = [], None, None
+        if not keep or self._cache is None or self._mask is None or self._sampling is None:
+            self._rows, self._cache, self._mask, self._sampling = [], None, None, None
             return
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self._sampling = self._sampling.select(keep, index)
         mask = self._mask.index_select(0, index)
         # Columns that are padding for every remaining row can go.
         start = int((mask.sum(0) > 0).nonzero()[0].item())

@@ -21,5 +21,8 @@ class ServedTokenizer:
             return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
         return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
 
+    def __len__(self) -> int:  # the vocabulary size with added tokens (dunders bypass __getattr__)
+        return len(self.hf)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.hf, name)

@@ -9,7 +9,9 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
+from gateway.errors import InvalidRequest
 from gateway.generation import (
+    LogprobRequest,
     PreparedPrompt,
     choice_streams,
     completion_budget,
@@ -19,6 +21,7 @@ from gateway.generation import (
     prepend,
     start_stream,
 )
+from gateway.logprobs import TokenNames, chat_logprobs
 from gateway.protocol.chat import (
     AssistantMessage,
     ChatCompletion,
@@ -37,7 +40,7 @@ from gateway.registry import Target
 from gateway.routes.deps import gateway_state, require_api_key
 from gateway.sse import sse_response
 from gateway.state import GatewayState
-from gateway.streaming import TextPiece
+from gateway.streaming import PlacedLogprob, TextPiece
 from gateway.templates import OutputParser, ParsedDelta, encode_segments
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -70,6 +73,12 @@ def _parser(target: Target, body: ChatCompletionRequest) -> OutputParser:
     return target.template.output_parser(tools_enabled=tools_enabled, enable_thinking=enable_thinking(body))
 
 
+def logprob_request(body: ChatCompletionRequest) -> LogprobRequest:
+    if body.top_logprobs is not None and not body.logprobs:
+        raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+    return LogprobRequest(logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+
+
 @router.post("/v1/chat/render")
 async def render_chat_prompt(body: ChatCompletionRequest, state: GatewayState = Depends(gateway_state)) -> RenderedChat:
     """The exact prompt (text and token ids) ``body.model`` would receive, and why that template."""
@@ -84,18 +93,21 @@ async def create_chat_completion(
     body: ChatCompletionRequest, state: GatewayState = Depends(gateway_state)
 ) -> JSONResponse | Any:
     note_unknown_fields(state, body)
+    logprobs = logprob_request(body)
+    names = TokenNames(state.tokenizer) if logprobs.logprobs is not None else None
     async with state.adapters.leased(body.model) as lease:
         target = lease.target
         prompt = render_chat(state, target, body)
         max_tokens = completion_budget(state, len(prompt.token_ids), body.completion_budget())
-        streams = choice_streams(state, target, prompt, body, body.n, max_tokens)
+        streams = choice_streams(state, target, prompt, body, body.n, max_tokens, logprobs)
         completion_id = new_id("chatcmpl")
         parsers = [_parser(target, body) for _ in range(body.n)]
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            chunks = _stream_chunks(completion_id, body.model, len(prompt.token_ids), streams, parsers, include_usage)
+            chunks = _stream_chunks(completion_id, body.model, len(prompt.token_ids), streams, parsers, include_usage,
+                                    names)
             return sse_response(await start_stream(lease, chunks))
-        return await _complete(completion_id, body.model, len(prompt.token_ids), streams, parsers)
+        return await _complete(completion_id, body.model, len(prompt.token_ids), streams, parsers, names)
 
 
 def _tool_calls(parsed: ParsedDelta) -> list[ToolCallBody] | None:
@@ -107,13 +119,15 @@ def _tool_calls(parsed: ParsedDelta) -> list[ToolCallBody] | None:
 
 
 async def _complete(completion_id: str, model: str, prompt_tokens: int, streams: list[AsyncIterator[TextPiece]],
-                    parsers: list[OutputParser]) -> ChatCompletion:
+                    parsers: list[OutputParser], names: TokenNames | None) -> ChatCompletion:
+    placed: list[list[PlacedLogprob]] = [[] for _ in streams]
     content = [""] * len(streams)
     reasoning = [""] * len(streams)
     finish: list[Any] = [None] * len(streams)
     calls: list[list[ToolCallBody] | None] = [None] * len(streams)
     completion_tokens = 0
     async for index, piece in merge_streams(streams):
+        placed[index].extend(piece.logprobs)
         parsed = parsers[index].feed(piece.text)
         content[index] += parsed.content
         reasoning[index] += parsed.reasoning_content
@@ -133,6 +147,7 @@ async def _complete(completion_id: str, model: str, prompt_tokens: int, streams:
                 tool_calls=calls[i],
             ),
             finish_reason=finish[i],
+            logprobs=None if names is None else chat_logprobs(placed[i], names),
         )
         for i in range(len(streams))
     ]
@@ -141,7 +156,7 @@ async def _complete(completion_id: str, model: str, prompt_tokens: int, streams:
     return ChatCompletion(id=completion_id, model=model, choices=choices, usage=usage)
 
 
-def _delta_chunk(base: dict[str, Any], index: int, parsed: ParsedDelta, finish: Any = None) -> ChatCompletionChunk:
+def _delta_chunk(base: dict[str, Any], index: int, parsed: ParsedDelta, logprobs: Any = None) -> ChatCompletionChunk:
     tool_calls = None
     if parsed.tool_calls:
         tool_calls = [
@@ -152,11 +167,12 @@ def _delta_chunk(base: dict[str, Any], index: int, parsed: ParsedDelta, finish: 
         ]
     delta = ChoiceDelta(content=parsed.content or None, reasoning_content=parsed.reasoning_content or None,
                         tool_calls=tool_calls)
-    return ChatCompletionChunk(**base, choices=[ChunkChoice(index=index, delta=delta, finish_reason=finish)])
+    return ChatCompletionChunk(**base, choices=[ChunkChoice(index=index, delta=delta, logprobs=logprobs)])
 
 
 async def _stream_chunks(completion_id: str, model: str, prompt_tokens: int, streams: list[AsyncIterator[TextPiece]],
-                         parsers: list[OutputParser], include_usage: bool) -> AsyncIterator[ChatCompletionChunk]:
+                         parsers: list[OutputParser], include_usage: bool,
+                         names: TokenNames | None) -> AsyncIterator[ChatCompletionChunk]:
     base: dict[str, Any] = {"id": completion_id, "created": int(time.time()), "model": model}
     pieces = merge_streams(streams)
     first = await anext(pieces)  # the backend has accepted the request (or raised) before any byte is sent
@@ -166,9 +182,11 @@ async def _stream_chunks(completion_id: str, model: str, prompt_tokens: int, str
     )
     completion_tokens = 0
     async for index, piece in prepend(first, pieces):
+        # A chunk's logprobs are those of the tokens whose text it starts; they ride on its first delta chunk.
+        logprobs = None if names is None or not piece.logprobs else chat_logprobs(piece.logprobs, names)
         parsed = parsers[index].feed(piece.text)
-        if parsed:
-            yield _delta_chunk(base, index, parsed)
+        if parsed or logprobs is not None:
+            yield _delta_chunk(base, index, parsed, logprobs)
         if piece.finish_reason is not None:
             tail = parsers[index].finish()
             if tail:
