@@ -70,7 +70,8 @@ class Delta:
     The last delta of a stream has ``finish_reason`` set; upstreams may report their own token counts in
     ``prompt_tokens`` / ``completion_tokens`` on it.
     When the request asked for them, ``logprobs`` has one entry per generated token of this delta (aligned with
-    ``token_ids``), and the first delta carries ``prompt_logprobs``: one entry per prompt token, ``None`` first.
+    ``token_ids``; the last delta may have one entry more: the stop token that ended the row, which has no text),
+    and the first delta carries ``prompt_logprobs``: one entry per prompt token, ``None`` first.
     """
 
     token_ids: tuple[int, ...] = ()

@@ -282,12 +282,12 @@ class Engine:
             seq.position += 1
             seq.next_token = token
             prompt_lp, seq.prompt_logprobs = seq.prompt_logprobs, None
-            if token in seq.stop_token_ids:  # the stop token is not part of the answer, nor its logprob
-                self._post(seq, Delta(finish_reason="stop", completion_tokens=seq.generated,
+            logprobs = () if logprob is None else (logprob,)
+            if token in seq.stop_token_ids:  # not part of the text; its logprob is reported (as vLLM does)
+                self._post(seq, Delta(finish_reason="stop", completion_tokens=seq.generated, logprobs=logprobs,
                                       prompt_logprobs=prompt_lp))
                 finished.append(seq)
                 continue
-            logprobs = () if logprob is None else (logprob,)
             if seq.generated >= seq.request.sampling.max_tokens or seq.position + 1 >= seq.max_total_len:
                 self._post(seq, Delta(token_ids=(token,), finish_reason="length", completion_tokens=seq.generated,
                                       logprobs=logprobs, prompt_logprobs=prompt_lp))
