@@ -179,6 +179,15 @@ class SamplingBatch:
         return Choice(tokens.tolist(), logprobs)
 
     def _sample(self, x: torch.Tensor) -> torch.Tensor:
+        """One draw per row from ``distribution(x)``: the row's uniform number looked up in its cumulative sum."""
+        cdf = torch.cumsum(self.distribution(x), dim=-1)
+        target = uniform(self.seeds, self.steps) * cdf[:, -1]
+        chosen = torch.searchsorted(cdf, target[:, None].contiguous(), right=True).squeeze(1)
+        return chosen.clamp(max=x.shape[-1] - 1)
+
+    def distribution(self, x: torch.Tensor) -> torch.Tensor:
+        """What sampled rows draw from, given adjusted logits: temperature, top-k, softmax, min-p, top-p
+        (unnormalised after the cuts; greedy rows' rows are meaningless)."""
         v = self.values
         temperature = torch.where(self.greedy, torch.ones_like(v[:, _TEMPERATURE]), v[:, _TEMPERATURE])
         scores = x / temperature[:, None]
@@ -198,10 +207,7 @@ class SamplingBatch:
             total = sorted_probs.sum(dim=-1, keepdim=True)  # min-p may have removed mass: top-p is relative
             drop = (before > v[:, _TOP_P : _TOP_P + 1] * total) & (v[:, _TOP_P : _TOP_P + 1] < 1.0)
             probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs.masked_fill(drop, 0.0))
-        cdf = torch.cumsum(probs, dim=-1)
-        target = uniform(self.seeds, self.steps) * cdf[:, -1]
-        chosen = torch.searchsorted(cdf, target[:, None].contiguous(), right=True).squeeze(1)
-        return chosen.clamp(max=x.shape[-1] - 1)
+        return probs
 
     def _count(self, tokens: torch.Tensor) -> None:
         rows = torch.arange(len(self), device=tokens.device)

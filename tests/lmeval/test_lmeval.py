@@ -43,7 +43,8 @@ def run_lmeval(python: str, tmp: Path, task: str, model: str, model_args: dict[s
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "OPENAI_API_KEY": "unused"}
     command = [python, "-m", "lm_eval", "--model", model, "--model_args", args, "--tasks", task,
-               "--include_path", str(HERE), "--output_path", str(out), "--log_samples", "--batch_size", "1", "--device", "cpu", *extra]
+               "--include_path", str(HERE), "--output_path", str(out), "--log_samples", "--batch_size", "1",
+               "--device", "cpu", *extra]
     done = subprocess.run(command, cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     files = sorted(out.rglob(f"samples_{task}_*.jsonl"))
@@ -61,20 +62,42 @@ def loglikelihoods(samples: list[dict[str, Any]]) -> dict[tuple[int, int], tuple
 
 
 @pytest.fixture(scope="module")
-def served(demo_server: str) -> Iterator[str]:
-    yield demo_server
+def base_dir(demo_models: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo base with its embedding cut to the tokenizer's 653 tokens (the config says 1024).
+
+    lm-eval's ``hf`` model does exactly this cut (``resize_token_embeddings(len(tokenizer))``) whenever it is given
+    ``peft=``, which changes every softmax; serving the cut model makes both sides run the same weights.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("lmeval-base") / "demo-base"
+    tokenizer = AutoTokenizer.from_pretrained(demo_models.base_dir)
+    model = AutoModelForCausalLM.from_pretrained(demo_models.base_dir)
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
 
 
-@pytest.mark.parametrize("model", ["tiny-qwen", "pku-assistant"])
-def test_loglikelihoods_equal_lmevals_own_hf_backend(lmeval_python: str, served: str, demo_models: Any,
-                                                     tmp_path: Path, model: str) -> None:
-    base = str(demo_models.base_dir)
+@pytest.fixture(scope="module")
+def served(base_dir: Path, demo_models: Any) -> Iterator[str]:
+    from tests.servers import running_gateway
+
+    adapter = demo_models.adapters["pku-assistant"]
+    with running_gateway(["--model", str(base_dir), "--adapter", f"pku-assistant={adapter}", "--dtype", "float32",
+                          "--template", "qwen"]) as url:
+        yield url
+
+
+@pytest.mark.parametrize("model", ["demo-base", "pku-assistant"])
+def test_loglikelihoods_equal_lmevals_own_hf_backend(lmeval_python: str, served: str, base_dir: Path,
+                                                     demo_models: Any, tmp_path: Path, model: str) -> None:
     api = run_lmeval(lmeval_python, tmp_path, "gateway_demo_choice", "local-completions", {
         "model": model, "base_url": f"{served}/v1/completions", "tokenizer_backend": "huggingface",
-        "tokenizer": base, "tokenized_requests": True, "max_retries": 1,
+        "tokenizer": base_dir, "tokenized_requests": True, "max_retries": 1,
     })
-    hf_args: dict[str, Any] = {"pretrained": base, "dtype": "float32"}
-    if model != "tiny-qwen":
+    hf_args: dict[str, Any] = {"pretrained": base_dir, "dtype": "float32"}
+    if model != "demo-base":
         hf_args["peft"] = str(demo_models.adapters[model])
     reference = run_lmeval(lmeval_python, tmp_path, "gateway_demo_choice", "hf", hf_args)
     ours, theirs = loglikelihoods(api), loglikelihoods(reference)
