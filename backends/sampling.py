@@ -162,9 +162,8 @@ class SamplingBatch:
         logprobs and choice (grammar-constrained decoding).
         """
         if self.plain and masks is None:
-            tokens = torch.argmax(logits, dim=-1)  # exact in any float dtype: no float32 copy
-            self.steps += 1
-            return Choice(tokens.tolist(), [None] * len(self))
+            # Exact in any float dtype: no float32 copy. (A greedy row never draws, so its draw counter can stay.)
+            return Choice(torch.argmax(logits, dim=-1).tolist(), [None] * len(self))
         x = self.adjusted(logits)
         if masks is not None:
             x = x.masked_fill(~masks, float("-inf"))
