@@ -80,7 +80,10 @@ class SamplingBatch:
         # Decided once per batch change, not per token.
         self.greedy = values[:, _TEMPERATURE] == 0
         self.all_greedy = all(p.temperature == 0 for p in params)
+        self.has_top_k = (values[:, _TOP_K] > 0) & ~self.greedy
         self.top_k_max = max((p.top_k for p in params if p.temperature > 0), default=0)
+        self.any_top_k = self.top_k_max > 0
+        self.all_top_k = all(p.top_k > 0 for p in params if p.temperature > 0)
         self.any_top_p = any(p.top_p < 1.0 and p.temperature > 0 for p in params)
         self.any_min_p = any(p.min_p > 0 and p.temperature > 0 for p in params)
         self.logprobs_max = max((p.logprobs for p in params if p.logprobs is not None), default=None)
@@ -178,25 +181,46 @@ class SamplingBatch:
         return Choice(tokens.tolist(), logprobs)
 
     def _sample(self, x: torch.Tensor) -> torch.Tensor:
-        """One draw per row from ``distribution(x)``: the row's uniform number looked up in its cumulative sum."""
-        cdf = torch.cumsum(self.distribution(x), dim=-1)
-        target = uniform(self.seeds, self.steps) * cdf[:, -1]
-        chosen = torch.searchsorted(cdf, target[:, None].contiguous(), right=True).squeeze(1)
-        return chosen.clamp(max=x.shape[-1] - 1)
+        """One draw per sampled row: its uniform number looked up in the cumulative sum of its weights. Rows with a
+        top-k draw among their k best tokens (best first), the others over the vocabulary (in id order)."""
+        u = uniform(self.seeds, self.steps)
+        chosen = torch.zeros(len(self), dtype=torch.long, device=x.device)
+        if self.any_top_k:
+            weights, ids = self.candidates(x)
+            chosen = ids.gather(1, _draw(weights, u)).squeeze(1)
+        if not self.all_top_k:
+            chosen = torch.where(self.has_top_k, chosen, _draw(self.dense(x), u).squeeze(1))
+        return chosen
 
-    def distribution(self, x: torch.Tensor) -> torch.Tensor:
-        """What sampled rows draw from, given adjusted logits: temperature, top-k, softmax, min-p, top-p
-        (unnormalised after the cuts; greedy rows' rows are meaningless)."""
+    def _scores(self, x: torch.Tensor) -> torch.Tensor:
+        temperature = self.values[:, _TEMPERATURE]
+        return x / torch.where(self.greedy, torch.ones_like(temperature), temperature)[:, None]
+
+    def candidates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For rows with a top-k: unnormalised weights over their k best tokens (best first; the batch's largest k
+        columns, the rest weighted 0), then min-p and top-p, and the candidates' token ids.
+
+        Weights are ``exp(score - best)``, elementwise, and top-p uses a prefix sum, so a row's numbers do not depend
+        on how many columns its neighbours need. One ``topk`` instead of sorting the vocabulary.
+        """
         v = self.values
-        temperature = torch.where(self.greedy, torch.ones_like(v[:, _TEMPERATURE]), v[:, _TEMPERATURE])
-        scores = x / temperature[:, None]
-        if self.top_k_max:
-            k = v[:, _TOP_K].long()
-            kth = torch.topk(scores, min(self.top_k_max, scores.shape[-1]), dim=-1).values
-            kth = kth.gather(1, (k.clamp(1, kth.shape[-1]) - 1)[:, None])
-            kth = torch.where((k > 0)[:, None], kth, torch.full_like(kth, float("-inf")))
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
+        count = min(self.top_k_max, x.shape[-1])
+        best, ids = torch.topk(self._scores(x), count, dim=-1)
+        k = torch.where(self.has_top_k, v[:, _TOP_K], torch.full_like(v[:, _TOP_K], count)).long()
+        best = best.masked_fill(torch.arange(count, device=x.device)[None, :] >= k[:, None], float("-inf"))
+        weights = torch.exp(best - best[:, :1])
+        if self.any_min_p:  # relative to the most likely token, whose weight is 1
+            weights = weights.masked_fill(weights < v[:, _MIN_P : _MIN_P + 1], 0.0)
+        if self.any_top_p:
+            cumulative = torch.cumsum(weights, dim=-1)
+            top_p = v[:, _TOP_P : _TOP_P + 1]
+            weights = weights.masked_fill((cumulative - weights > top_p * cumulative[:, -1:]) & (top_p < 1.0), 0.0)
+        return weights, ids
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        """For rows without a top-k: probabilities over the vocabulary after min-p and top-p (unnormalised)."""
+        v = self.values
+        probs = torch.softmax(self._scores(x), dim=-1)
         if self.any_min_p:
             floor = v[:, _MIN_P : _MIN_P + 1] * probs.max(dim=-1, keepdim=True).values
             probs = probs.masked_fill(probs < floor, 0.0)
@@ -207,6 +231,14 @@ class SamplingBatch:
             drop = (before > v[:, _TOP_P : _TOP_P + 1] * total) & (v[:, _TOP_P : _TOP_P + 1] < 1.0)
             probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs.masked_fill(drop, 0.0))
         return probs
+
+    def distribution(self, x: torch.Tensor) -> torch.Tensor:
+        """Every row's normalised sampling distribution over the vocabulary (for checks; greedy rows meaningless)."""
+        out = self.dense(x)
+        if self.any_top_k:
+            weights, ids = self.candidates(x)
+            out = torch.where(self.has_top_k[:, None], torch.zeros_like(out).scatter(1, ids, weights), out)
+        return out / out.sum(dim=-1, keepdim=True)
 
     def _count(self, tokens: torch.Tensor) -> None:
         rows = torch.arange(len(self), device=tokens.device)
@@ -233,6 +265,13 @@ class SamplingBatch:
             pairs = tuple((i, _floor(v)) for i, v in zip(top_ids[row][: p.logprobs], top_values[row], strict=False))
             out.append(TokenLogprob(token_list[row], _floor(chosen[row]), pairs))
         return out
+
+
+def _draw(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Index ``[rows, 1]`` where each row's cumulative weight first exceeds ``u`` times its total."""
+    cdf = torch.cumsum(weights, dim=-1)
+    index = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None].contiguous(), right=True)
+    return index.clamp(max=cdf.shape[-1] - 1)
 
 
 def prompt_logprobs(logits: torch.Tensor, prompt: Sequence[int], top: int) -> tuple[TokenLogprob | None, ...]:

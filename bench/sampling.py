@@ -7,7 +7,7 @@ Measures only the choice (logits in, token ids out), the part sampling adds to a
 * all-sampled rows (temperature, top-p, top-k): vectorised over the batch vs one row at a time (what the engine did
   before: a ``torch.Generator`` and a multinomial draw per row);
 * all-sampled rows with every knob (penalties, min-p, logit bias, logprobs).
-Prints one line per case and a JSON line last.
+Prints one line per case (fastest of ``--steps`` interleaved runs) and a JSON line last.
 """
 
 from __future__ import annotations
@@ -40,16 +40,19 @@ def per_row_loop(logits: torch.Tensor, rows: list[tuple[SamplingParams, torch.Ge
     return out
 
 
-def timed(step: Callable[[], object], steps: int) -> float:
-    """Median milliseconds of ``step``."""
-    for _ in range(5):
-        step()
-    samples = []
+def timed(cases: dict[str, Callable[[], object]], steps: int) -> dict[str, float]:
+    """Fastest milliseconds of each case. The cases run interleaved, step by step, so that load from other
+    processes falls on all of them alike; the minimum is the least disturbed run."""
+    for step in cases.values():
+        for _ in range(3):
+            step()
+    samples: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        samples.append((time.perf_counter() - start) * 1000)
-    return sorted(samples)[len(samples) // 2]
+        for name, step in cases.items():
+            start = time.perf_counter()
+            step()
+            samples[name].append((time.perf_counter() - start) * 1000)
+    return {name: min(values) for name, values in samples.items()}
 
 
 def main() -> None:
@@ -75,13 +78,13 @@ def main() -> None:
                               for i in range(args.batch)], prompts, args.vocab, device)
     rows = [(p, torch.Generator().manual_seed(i)) for i, p in enumerate(sampled_params)]
 
-    results = {
-        "argmax_ms": timed(lambda: torch.argmax(logits, dim=-1).tolist(), args.steps),
-        "greedy_batch_ms": timed(lambda: greedy.choose(logits), args.steps),
-        "sampled_loop_ms": timed(lambda: per_row_loop(logits, rows), args.steps),
-        "sampled_batch_ms": timed(lambda: sampled.choose(logits), args.steps),
-        "every_knob_batch_ms": timed(lambda: every.choose(logits), args.steps),
-    }
+    results = timed({
+        "argmax_ms": lambda: torch.argmax(logits, dim=-1).tolist(),
+        "greedy_batch_ms": lambda: greedy.choose(logits),
+        "sampled_loop_ms": lambda: per_row_loop(logits, rows),
+        "sampled_batch_ms": lambda: sampled.choose(logits),
+        "every_knob_batch_ms": lambda: every.choose(logits),
+    }, args.steps)
     for name, value in results.items():
         print(f"{name:>22}: {value:8.3f} ms per step (batch {args.batch}, vocab {args.vocab})")
     summary = {
