@@ -28,6 +28,18 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings; the gateway also enforces them across token boundaries
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False  # the model's end-of-sequence ids do not stop generation (stop_token_ids still do)
+    # Penalties: frequency/presence as OpenAI (over the row's generated tokens, subtracted from the logits);
+    # repetition as HF/vLLM (over prompt + generated tokens: positive logits divided, negative multiplied).
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0  # drop tokens whose probability is below min_p x the most likely token's (0 = off)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit); -100 bans the token
+    logprobs: int | None = None  # report each chosen token's logprob and this many alternatives (None = off)
+    prompt_logprobs: int | None = None  # also every prompt token's (the first has none), with this many alternatives
+    # Fields whose value is the served model's default (generation_config.json, sampling_defaults), not the
+    # request's: an upstream that cannot take one leaves it to its own defaults instead of refusing the request.
+    defaulted: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -42,6 +54,17 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability and the ``top`` most likely tokens at its position as (token id, logprob),
+    most likely first. Values are the log-softmax of the logits after logit bias and penalties, before temperature
+    and top-k/top-p/min-p truncation."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Delta:
     """A piece of output.
 
@@ -49,6 +72,9 @@ class Delta:
     Upstream backends that only return text fill ``text`` (and ``token_ids`` when the upstream reports them).
     The last delta of a stream has ``finish_reason`` set; upstreams may report their own token counts in
     ``prompt_tokens`` / ``completion_tokens`` on it.
+    When the request asked for them, ``logprobs`` has one entry per generated token of this delta (aligned with
+    ``token_ids``; the last delta may have one entry more: the stop token that ended the row, which has no text),
+    and the first delta carries ``prompt_logprobs``: one entry per prompt token, ``None`` first.
     """
 
     token_ids: tuple[int, ...] = ()
@@ -56,6 +82,8 @@ class Delta:
     finish_reason: FinishReason | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -17,22 +17,57 @@ from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from pathlib import PurePosixPath
 from typing import Any
 
-from backends.base import Capabilities, Delta, FinishReason, GenerationRequest, Health
+from backends.base import Capabilities, Delta, FinishReason, GenerationRequest, Health, TokenLogprob
 from backends.upstream_errors import error_from_event, map_error_response
 from backends.upstream_pool import UpstreamPool, relay
-from gateway.errors import AdapterLoadError, BackendUnavailable, GatewayError, ModelNotFound, UpstreamError
+from gateway.errors import (
+    AdapterLoadError,
+    BackendUnavailable,
+    GatewayError,
+    InvalidRequest,
+    ModelNotFound,
+    UpstreamError,
+)
 
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "tool_calls": "stop", "eos": "stop"}
 
 
-async def parse_completion_stream(lines: AsyncIterator[str]) -> AsyncGenerator[Delta, None]:
+def _token_id(token: str) -> int:
+    """vLLM's ``return_tokens_as_token_ids`` spelling of a token: ``token_id:123``."""
+    prefix, _, number = token.partition(":")
+    if prefix != "token_id" or not number.lstrip("-").isdigit():
+        raise UpstreamError(f"upstream logprobs name a token {token[:50]!r}, not token_id:N")
+    return int(number)
+
+
+def parse_logprobs(logprobs: dict[str, Any], top: int) -> list[TokenLogprob | None]:
+    """OpenAI's legacy logprob lists with tokens as ``token_id:N``, as entries (``None`` where the logprob is)."""
+    entries: list[TokenLogprob | None] = []
+    try:
+        for token, value, alternatives in zip(logprobs["tokens"], logprobs["token_logprobs"],
+                                              logprobs["top_logprobs"], strict=True):
+            if value is None:
+                entries.append(None)
+                continue
+            ranked = sorted(((_token_id(t), float(v)) for t, v in (alternatives or {}).items()), key=lambda p: -p[1])
+            entries.append(TokenLogprob(_token_id(token), float(value), tuple(ranked[:top])))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UpstreamError("upstream sent logprobs that are not OpenAI's completions shape") from exc
+    return entries
+
+
+async def parse_completion_stream(lines: AsyncIterator[str], *, logprobs: int | None = None,
+                                  prompt_length: int | None = None) -> AsyncGenerator[Delta, None]:
     """Deltas from an OpenAI ``text_completion`` SSE stream; the last one carries finish reason and usage.
 
+    With ``logprobs`` (alternatives per token), each choice's legacy logprob lists (tokens as ``token_id:N``) become
+    the deltas' entries; with ``prompt_length`` as well, the first ``prompt_length`` entries are the echoed prompt's.
     Raises ``UpstreamError`` (or the mapped class of an in-stream error object) when the stream is broken,
     carries an error, or ends without a finish reason.
     """
     finish: str | None = None
     usage: dict[str, Any] | None = None
+    prompt_pending = prompt_length
     async for line in lines:
         if not line.startswith("data:"):
             continue  # blank separators, ": keep-alive" comments, "event:" / "id:" fields
@@ -54,8 +89,16 @@ async def parse_completion_stream(lines: AsyncIterator[str]) -> AsyncGenerator[D
                 continue
             text = choice.get("text") or ""
             token_ids = choice.get("token_ids") or ()
-            if text or token_ids:
-                yield Delta(token_ids=tuple(token_ids), text=text)
+            entries: list[TokenLogprob | None] = []
+            prompt: tuple[TokenLogprob | None, ...] | None = None
+            if logprobs is not None and choice.get("logprobs"):
+                entries = parse_logprobs(choice["logprobs"], logprobs)
+                if prompt_pending is not None:
+                    prompt, entries = tuple(entries[:prompt_pending]), entries[prompt_pending:]
+                    prompt_pending = None
+            generated = tuple(e for e in entries if e is not None)
+            if text or token_ids or generated or prompt is not None:
+                yield Delta(token_ids=tuple(token_ids), text=text, logprobs=generated, prompt_logprobs=prompt)
             if choice.get("finish_reason"):
                 finish = choice["finish_reason"]
         if isinstance(chunk.get("usage"), dict):
@@ -86,14 +129,47 @@ def sse_error(line: str) -> GatewayError | None:
     return None
 
 
+_NEUTRAL: dict[str, Any] = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0,
+                            "min_p": 0.0, "logit_bias": (), "logprobs": None, "prompt_logprobs": None,
+                            "ignore_eos": False, "top_k": 0}
+_REQUEST_NAMES = {"prompt_logprobs": "echo"}  # what the client set, when the backend field has another name
+
+
+def refuse_unsupported(request: GenerationRequest, engine: str, fields: tuple[str, ...]) -> None:
+    """Raise a 400 naming the first of ``fields`` the request sets (to a non-neutral value) and the backend.
+    A value the request did not set (the model's default) is not refused: the upstream applies its own."""
+    for name in fields:
+        if name not in request.sampling.defaulted and getattr(request.sampling, name) != _NEUTRAL[name]:
+            param = _REQUEST_NAMES.get(name, name)
+            what = "echo with logprobs" if param == "echo" else param
+            raise InvalidRequest(f"{what} is not supported by the {engine} backend", param=param)
+
+
 def sampling_fields(request: GenerationRequest) -> dict[str, Any]:
-    """The OpenAI-standard sampling fields of a completions body."""
+    """The OpenAI-standard sampling fields of a completions body (penalties and logit bias only when set)."""
     s = request.sampling
     body: dict[str, Any] = {"max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p}
     if s.seed is not None:
         body["seed"] = s.seed
     if s.stop:
         body["stop"] = list(s.stop)
+    if s.frequency_penalty:
+        body["frequency_penalty"] = s.frequency_penalty
+    if s.presence_penalty:
+        body["presence_penalty"] = s.presence_penalty
+    if s.logit_bias:
+        body["logit_bias"] = {str(token): bias for token, bias in s.logit_bias}
+    return body
+
+
+def penalty_extensions(request: GenerationRequest) -> dict[str, Any]:
+    """vLLM's (and LMDeploy's) ``repetition_penalty`` and ``min_p``, only when set."""
+    s = request.sampling
+    body: dict[str, Any] = {}
+    if s.repetition_penalty != 1.0:
+        body["repetition_penalty"] = s.repetition_penalty
+    if s.min_p:
+        body["min_p"] = s.min_p
     return body
 
 
@@ -176,6 +252,7 @@ class CompletionsBackend:
 
     def build_payload(self, request: GenerationRequest) -> dict[str, Any]:
         """The JSON body for ``/v1/completions``. This one is plain OpenAI: text prompt, standard fields."""
+        refuse_unsupported(request, self.engine, ("repetition_penalty", "min_p", "logprobs", "prompt_logprobs"))
         return {
             "model": self.model_for(request.adapter),
             "prompt": request.prompt_text,

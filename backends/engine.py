@@ -27,9 +27,10 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from backends.base import Delta, GenerationRequest
+from backends.base import Delta, GenerationRequest, TokenLogprob
 from backends.lora import LoraBank
-from backends.sampling import RowSampler, choose_tokens
+from backends.sampling import Choice, SamplingBatch, prompt_logprobs
+from backends.structured import RowGrammar, mask_logits
 from gateway.errors import BackendUnavailable, GatewayError, Overloaded
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,6 @@ class Sequence:
     request: GenerationRequest
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[Delta | GatewayError]
-    sampler: RowSampler
     stop_token_ids: frozenset[int]
     max_total_len: int
     generated: int = 0
@@ -57,6 +57,7 @@ class Sequence:
     submitted_at: float = 0.0  # perf_counter() when submitted and when it joined the batch (its queue time)
     joined_at: float | None = None
     position: int = field(init=False)
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # sent with the first token, then dropped
 
     def __post_init__(self) -> None:
         # Position id of ``next_token``: the last prompt token's until the first token is chosen.
@@ -102,6 +103,7 @@ class Engine:
         self._rows: list[Sequence] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None
+        self._sampling: SamplingBatch | None = None  # the rows' sampling state, in ``_rows`` order
         self._outbox: list[tuple[Sequence, Delta | GatewayError]] = []  # this step's output, handed over at its end
         self._thread = threading.Thread(target=self._loop, name="lora-gateway-engine", daemon=True)
         self._thread.start()
@@ -196,7 +198,7 @@ class Engine:
                 error = BackendUnavailable(f"the inference engine failed: {type(exc).__name__}")
                 for seq in [*self._rows, *joining]:
                     self._post(seq, error)
-                self._rows, self._cache, self._mask = [], None, None
+                self._rows, self._cache, self._mask, self._sampling = [], None, None, None
             self._flush()
         self._fail_all(BackendUnavailable("the engine stopped"))
 
@@ -236,10 +238,11 @@ class Engine:
         self._flush()
         for command in commands:
             command.future.set_exception(error)
-        self._rows, self._cache, self._mask = [], None, None
+        self._rows, self._cache, self._mask, self._sampling = [], None, None, None
 
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
-                 adapters: list[str | None]) -> torch.Tensor:
+                 adapters: list[str | None], every_position: bool = False) -> torch.Tensor:
+        """Logits of the last position ``[rows, vocab]``, or of every position ``[rows, length, vocab]``."""
         self.lora.select(adapters)
         out = self.model(
             input_ids=input_ids,
@@ -247,9 +250,9 @@ class Engine:
             position_ids=positions,
             past_key_values=cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=0 if every_position else 1,
         )
-        return out.logits[:, -1, :]
+        return out.logits if every_position else out.logits[:, -1, :]
 
     def _prefill(self, joining: list[Sequence]) -> None:
         joined = time.perf_counter()
@@ -257,17 +260,20 @@ class Engine:
             seq.joined_at = joined
         try:
             logits, cache, mask = self._prefill_forward(joining)
+            sampling = self._sampling_of(joining, logits.shape[-1])
+            choice = sampling.choose(self._constrained(joining, logits))
         except Exception as exc:
-            failing = self._find_failing(joining, self._prefill_forward)
+            failing = self._find_failing(joining, self._trial_prefill)
             self._fail_rows(failing or joining, exc)
             rest = [s for s in joining if s not in failing]
             if failing and rest:
                 self._prefill(rest)  # each retry has fewer rows: this ends
             return
-        self._join(joining, cache, mask)
-        self._choose_and_accept(joining, logits)
+        self._join(joining, cache, mask, sampling)
+        self._accept(joining, choice)
 
     def _prefill_forward(self, joining: list[Sequence]) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
+        """Last-position logits, cache and mask of the joining rows (and their prompt logprobs, for echo)."""
         longest = max(len(s.request.prompt_token_ids) for s in joining)
         ids = torch.full((len(joining), longest), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(joining), longest), dtype=torch.long)
@@ -278,25 +284,45 @@ class Engine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
-        logits = self._forward(ids, mask, positions, cache, [s.adapter for s in joining])
+        # Prompt logprobs (echo) need every position's logits, only for prefills that have such a row.
+        echo = any(s.request.sampling.prompt_logprobs is not None for s in joining)
+        logits = self._forward(ids, mask, positions, cache, [s.adapter for s in joining], every_position=echo)
+        if echo:
+            for row, seq in enumerate(joining):
+                top = seq.request.sampling.prompt_logprobs
+                if top is not None:
+                    prompt = seq.request.prompt_token_ids
+                    seq.prompt_logprobs = prompt_logprobs(logits[row, longest - len(prompt) :], prompt, top)
+            logits = logits[:, -1, :]
         return logits, cache, mask
 
+    def _sampling_of(self, rows: list[Sequence], vocab: int) -> SamplingBatch:
+        return SamplingBatch.of([s.request.sampling for s in rows], [s.request.prompt_token_ids for s in rows], vocab,
+                                self.device)
+
+    @staticmethod
+    def _constrained(rows: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` with each structured-output row's disallowed tokens masked (in place; other rows untouched)."""
+        mask_logits(logits, [s.grammar for s in rows])
+        return logits
+
     def _decode(self) -> None:
-        assert self._cache is not None and self._mask is not None
+        assert self._cache is not None and self._mask is not None and self._sampling is not None
         rows, width = self._rows, self._mask.shape[1]
         try:
             logits = self._decode_forward(rows, self._cache, self._mask)
+            choice = self._sampling.choose(self._constrained(rows, logits))
         except Exception as exc:
             # The cache is updated layer by layer in place: layers before the failure hold one position more.
             self._cache = DynamicCache(ddp_cache_data=[(k[:, :, :width], v[:, :, :width])
                                                       for k, v in _key_values(self._cache)])
-            failing = self._find_failing(rows, lambda part: self._decode_forward(part, *self._rows_state(part)))
+            failing = self._find_failing(rows, self._trial_decode)
             self._fail_rows(failing or rows, exc)
             if failing and self._rows:
                 self._decode()  # the same step for the others; each retry has fewer rows: this ends
             return
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
-        self._choose_and_accept(rows, logits)
+        self._accept(rows, choice)
 
     def _decode_forward(self, rows: list[Sequence], cache: DynamicCache, mask: torch.Tensor) -> torch.Tensor:
         ids = torch.tensor([[s.next_token] for s in rows], dtype=torch.long, device=self.device)
@@ -305,12 +331,12 @@ class Engine:
         return self._forward(ids, mask, positions, cache, [s.adapter for s in rows])
 
     # --- failure isolation: a row that breaks a step fails alone --------------------------------------------------
-    # A step (forward or token choice) that raises is retried without the rows that fail on their own. They are
-    # found by bisection over the batch (a forward fails when any of its rows does): one bad row costs about
-    # 2*log2(batch) smaller forwards, on copies of the cache, and only when a step has failed. A failure no part of
-    # the batch reproduces alone (out of memory, a broken device) cannot be pinned on a row and fails them all.
-    # Token choice is per row already, so it is re-run row by row, with each generator rewound to where it was:
-    # the other rows draw exactly the tokens they would have drawn.
+    # A step (forward and token choice) that raises is retried without the rows that fail on their own. They are
+    # found by bisection over the batch (a step fails when any of its rows does): one bad row costs about
+    # 2*log2(batch) smaller trial steps, on copies of the rows' cache and sampling state, and only when a step has
+    # failed. A failure no part of the batch reproduces alone (out of memory, a broken device) cannot be pinned on
+    # a row and fails them all. Sampling draws are counter-based (backends.sampling), so a retried step draws for
+    # the other rows exactly the tokens they would have drawn.
 
     def _find_failing(self, rows: list[Sequence], attempt: Callable[[list[Sequence]], object]) -> list[Sequence]:
         """The rows of ``rows`` (a batch ``attempt`` failed on) that make ``attempt`` fail by themselves."""
@@ -325,12 +351,19 @@ class Engine:
                 failing += self._find_failing(part, attempt)
         return failing
 
-    def _rows_state(self, part: list[Sequence]) -> tuple[DynamicCache, torch.Tensor]:
-        """A copy of the cache and mask of some running rows, for a trial forward that must not touch the real one."""
-        assert self._cache is not None and self._mask is not None
-        index = torch.tensor([self._rows.index(s) for s in part], dtype=torch.long, device=self.device)
-        layers = [(k.index_select(0, index), v.index_select(0, index)) for k, v in _key_values(self._cache)]
-        return DynamicCache(ddp_cache_data=layers), self._mask.index_select(0, index)
+    def _trial_prefill(self, part: list[Sequence]) -> None:
+        logits, _, _ = self._prefill_forward(part)
+        self._sampling_of(part, logits.shape[-1]).choose(self._constrained(part, logits))
+
+    def _trial_decode(self, part: list[Sequence]) -> None:
+        """One decode step of some running rows on copies of their state (the batch's own is not touched)."""
+        assert self._cache is not None and self._mask is not None and self._sampling is not None
+        keep = [self._rows.index(s) for s in part]
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        cache = DynamicCache(ddp_cache_data=[(k.index_select(0, index), v.index_select(0, index))
+                                             for k, v in _key_values(self._cache)])
+        logits = self._decode_forward(part, cache, self._mask.index_select(0, index))
+        self._sampling.select(keep, index).choose(self._constrained(part, logits))
 
     def _fail_rows(self, rows: list[Sequence], exc: Exception) -> None:
         log.error("engine step failed for %d of its rows (%s: %s); the others go on", len(rows),
@@ -341,48 +374,30 @@ class Engine:
             self._post(seq, error)
         self._drop_rows([s for s in rows if s in self._rows])
 
-    def _choose_and_accept(self, rows: list[Sequence], logits: torch.Tensor) -> None:
-        samplers = [s.sampler for s in rows]
-        generators = [getattr(s, "generator", None) for s in samplers]
-        states = [g.get_state() if g is not None else None for g in generators]
-        try:
-            tokens = choose_tokens(logits, samplers)
-        except Exception as exc:
-            for generator, state in zip(generators, states, strict=True):
-                if generator is not None and state is not None:
-                    generator.set_state(state)
-            chosen: list[tuple[Sequence, int]] = []
-            failing: list[Sequence] = []
-            for i, seq in enumerate(rows):
-                try:
-                    chosen.append((seq, choose_tokens(logits[i : i + 1], [seq.sampler])[0]))
-                except Exception:
-                    failing.append(seq)
-            self._fail_rows(failing or rows, exc)
-            if not failing:
-                return
-            rows, tokens = [s for s, _ in chosen], [t for _, t in chosen]
-        self._accept(rows, tokens)
-
-    def _accept(self, rows: list[Sequence], tokens: list[int]) -> None:
+    def _accept(self, rows: list[Sequence], choice: Choice) -> None:
         finished = []
-        for seq, token in zip(rows, tokens, strict=True):
+        for seq, token, logprob in zip(rows, choice.tokens, choice.logprobs, strict=True):
             seq.generated += 1
             seq.position += 1
             seq.next_token = token
-            if token in seq.stop_token_ids:
-                self._post(seq, Delta(finish_reason="stop", completion_tokens=seq.generated))
+            prompt_lp, seq.prompt_logprobs = seq.prompt_logprobs, None
+            logprobs = () if logprob is None else (logprob,)
+            if token in seq.stop_token_ids:  # not part of the text; its logprob is reported (as vLLM does)
+                self._post(seq, Delta(finish_reason="stop", completion_tokens=seq.generated, logprobs=logprobs,
+                                      prompt_logprobs=prompt_lp))
                 finished.append(seq)
-            elif seq.generated >= seq.request.sampling.max_tokens or seq.position + 1 >= seq.max_total_len:
-                self._post(seq, Delta(token_ids=(token,), finish_reason="length", completion_tokens=seq.generated))
+                continue
+            if seq.generated >= seq.request.sampling.max_tokens or seq.position + 1 >= seq.max_total_len:
+                self._post(seq, Delta(token_ids=(token,), finish_reason="length", completion_tokens=seq.generated,
+                                      logprobs=logprobs, prompt_logprobs=prompt_lp))
                 finished.append(seq)
             else:
-                self._post(seq, Delta(token_ids=(token,)))
+                self._post(seq, Delta(token_ids=(token,), logprobs=logprobs, prompt_logprobs=prompt_lp))
         self._drop_rows(finished)
 
-    def _join(self, joining: list[Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
-        if self._cache is None or self._mask is None:
-            self._rows, self._cache, self._mask = list(joining), cache, mask
+    def _join(self, joining: list[Sequence], cache: DynamicCache, mask: torch.Tensor, sampling: SamplingBatch) -> None:
+        if self._cache is None or self._mask is None or self._sampling is None:
+            self._rows, self._cache, self._mask, self._sampling = list(joining), cache, mask, sampling
             return
         width = max(self._mask.shape[1], mask.shape[1])
         layers = []
@@ -393,6 +408,7 @@ class Engine:
         self._cache = DynamicCache(ddp_cache_data=layers)
         self._mask = torch.cat([_left_pad(self._mask, width), _left_pad(mask, width)], dim=0)
         self._rows = self._rows + list(joining)
+        self._sampling = self._sampling.cat(sampling)
 
     def _drop_rows(self, leaving: list[Sequence]) -> None:
         if not leaving:
@@ -400,10 +416,11 @@ class Engine:
         gone = set(leaving)
         keep = [i for i, s in enumerate(self._rows) if s not in gone]
         self._rows = [self._rows[i] for i in keep]
-        if not keep or self._cache is None or self._mask is None:
-            self._rows, self._cache, self._mask = [], None, None
+        if not keep or self._cache is None or self._mask is None or self._sampling is None:
+            self._rows, self._cache, self._mask, self._sampling = [], None, None, None
             return
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self._sampling = self._sampling.select(keep, index)
         mask = self._mask.index_select(0, index)
         # Columns that are padding for every remaining row can go.
         start = int((mask.sum(0) > 0).nonzero()[0].item())

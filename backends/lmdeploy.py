@@ -11,6 +11,9 @@ Protocol facts (LMDeploy's ``/v1/completions``, ``lmdeploy/serve/openai``):
   stop matching sees it. ``stop`` is honoured, but LMDeploy turns each stop word into the ids of every token
   *containing* it, so it may stop a little earlier than the gateway would for multi-character plain-text stops;
   ``stop_token_ids`` is not a request field there (eos from the model's generation config stops by itself).
+* Sampling as-is: ``frequency_penalty``, ``presence_penalty``, ``repetition_penalty``, ``min_p`` are request
+  fields there. It has no ``logit_bias``, and its ``logprobs`` name tokens by text (the prompt is text too), which
+  the gateway cannot line up with its own tokens: both are refused with a 400.
 * Streaming: ``data: {json}\\n\\n`` chunks, with ``stream_options.include_usage`` a usage chunk with
   ``choices: []``, then ``data: [DONE]``. Errors: flat ``{"object": "error", "message", "type", "code": <int>,
   "param"}`` with the same status; an unknown model answers 404.
@@ -21,7 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 from backends.base import Capabilities, GenerationRequest
-from backends.completions import CompletionsBackend, sampling_fields
+from backends.completions import CompletionsBackend, penalty_extensions, refuse_unsupported, sampling_fields
 
 
 class LMDeployBackend(CompletionsBackend):
@@ -29,10 +32,12 @@ class LMDeployBackend(CompletionsBackend):
     engine = "lmdeploy"
 
     def build_payload(self, request: GenerationRequest) -> dict[str, Any]:
+        refuse_unsupported(request, self.engine, ("logit_bias", "logprobs", "prompt_logprobs"))
         return {
             "model": self.model_for(request.adapter),
             "prompt": request.prompt_text,
             **sampling_fields(request),
+            **penalty_extensions(request),
             "top_k": request.sampling.top_k,
             "skip_special_tokens": False,
             "ignore_eos": request.sampling.ignore_eos,

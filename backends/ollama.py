@@ -9,6 +9,9 @@ Protocol facts (Ollama's API docs, docs/api.md and docs/api/errors.mdx):
   before, a JSON ``{"error": "..."}`` with a 4xx/5xx status (404: unknown model).
 * Sampling goes in ``options``: ``num_predict``, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``.
   Ollama has no ``ignore_eos``: such a request is refused rather than silently answered differently.
+  Penalties: ``repeat_penalty`` (HF semantics, our ``repetition_penalty``), ``presence_penalty``,
+  ``frequency_penalty``, ``min_p`` in ``options``. It has no logit bias and no logprobs on ``/api/generate``:
+  refused with a 400.
 * An adapter is its own Ollama model: ``POST /api/create {"model", "from": <base>, "adapters": {file: digest}}``
   after uploading each file with ``POST /api/blobs/sha256:<digest>`` (``HEAD`` answers 200 when it is there).
   ``DELETE /api/delete {"model"}`` removes it. ``GET /api/tags`` lists models (we use it for health too).
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from backends.base import Capabilities, Delta, FinishReason, GenerationRequest, Health
+from backends.completions import refuse_unsupported
 from backends.upstream_errors import error_from_event, map_adapter_error_response, map_error_response
 from backends.upstream_pool import UpstreamPool, relay
 from gateway.errors import AdapterLoadError, GatewayError, InvalidRequest, ModelNotFound, UpstreamError
@@ -144,6 +148,7 @@ class OllamaBackend:
         s = request.sampling
         if s.ignore_eos:
             raise InvalidRequest("the Ollama backend cannot ignore the end-of-sequence token", param="ignore_eos")
+        refuse_unsupported(request, "ollama", ("logit_bias", "logprobs", "prompt_logprobs"))
         options: dict[str, Any] = {
             "num_predict": s.max_tokens,
             "temperature": s.temperature,
@@ -154,6 +159,14 @@ class OllamaBackend:
             options["seed"] = s.seed
         if s.stop:
             options["stop"] = list(s.stop)
+        if s.repetition_penalty != 1.0:
+            options["repeat_penalty"] = s.repetition_penalty
+        if s.presence_penalty:
+            options["presence_penalty"] = s.presence_penalty
+        if s.frequency_penalty:
+            options["frequency_penalty"] = s.frequency_penalty
+        if s.min_p:
+            options["min_p"] = s.min_p
         body: dict[str, Any] = {
             "model": self.model_for(request.adapter),
             "prompt": request.prompt_text,

@@ -14,7 +14,6 @@ import torch
 from backends.base import Capabilities, Delta, GenerationRequest, Health
 from backends.engine import BASE_ADAPTER, Engine, Sequence
 from backends.lora import read_adapter
-from backends.sampling import RowSampler
 from gateway.errors import BackendUnavailable, Conflict, GatewayError, InvalidRequest
 from gateway.request_context import current_request
 
@@ -63,6 +62,8 @@ class TorchBackend:
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
         self.capabilities = Capabilities(runtime_adapters=True, max_context=max_model_len)
+        embeddings = model.get_output_embeddings()
+        self.vocab_size = int(embeddings.weight.shape[0]) if embeddings is not None else int(model.config.vocab_size)
         self.adapter_paths: dict[str, str] = {}
         self._engine = Engine(model, device=device, pad_token_id=pad_token_id, max_batch_size=max_batch_size,
                               max_queue=max_queue)
@@ -97,13 +98,16 @@ class TorchBackend:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         if request.adapter is not None and request.adapter not in self.adapter_paths:
             raise InvalidRequest(f"adapter {request.adapter!r} is not loaded")
+        for token, _ in request.sampling.logit_bias:
+            if not 0 <= token < self.vocab_size:
+                raise InvalidRequest(f"logit_bias: token id {token} is not in the model's vocabulary",
+                                     param="logit_bias")
         queue: asyncio.Queue[Delta | GatewayError] = asyncio.Queue()
         eos = frozenset() if request.sampling.ignore_eos else self.eos_token_ids
         sequence = Sequence(
             request=request,
             loop=asyncio.get_running_loop(),
             queue=queue,
-            sampler=RowSampler.create(request.sampling, self.device),
             stop_token_ids=eos | frozenset(request.sampling.stop_token_ids),
             max_total_len=self.max_model_len,
         )

@@ -6,7 +6,12 @@ vLLM facts this relies on (checked against vLLM 0.32's OpenAI server):
   gateway rendered with the training template.
 * ``return_token_ids: true`` adds the generated ``token_ids`` to every stream chunk and the ``prompt_token_ids``
   to the first one. We use the first to check that vLLM received our ids unchanged.
-* ``stop_token_ids``, ``top_k`` and ``ignore_eos`` are vLLM extensions; each is sent only when set.
+* ``stop_token_ids``, ``top_k``, ``ignore_eos``, ``repetition_penalty`` and ``min_p`` are vLLM extensions; each
+  is sent only when set. ``frequency_penalty``, ``presence_penalty`` and ``logit_bias`` are OpenAI's, as-is.
+* Logprobs pass through: ``logprobs: N`` with ``return_tokens_as_token_ids: true`` names every token ``token_id:N``
+  in the legacy lists, so the gateway knows the ids. Echo (prompt logprobs): ``echo: true`` with
+  ``return_token_ids`` echoes no prompt text, and the first chunk's lists start with the prompt's tokens (the first
+  ``null``). vLLM's values are its ``--logprobs-mode`` (default ``raw_logprobs``: before bias and penalties).
 * Errors: ``{"error": {"message", "type", "param", "code": <int>}}`` (older: flat ``{"object": "error", ...}``).
 * LoRAs: ``--enable-lora --lora-modules name=path`` at start, listed by ``/v1/models`` with ``parent``/``root``;
   with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` also ``POST /v1/load_lora_adapter {"lora_name", "lora_path"}``
@@ -29,7 +34,13 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from backends.base import Capabilities, Delta, GenerationRequest
-from backends.completions import CompletionsBackend, parse_completion_stream, sampling_fields, sse_error
+from backends.completions import (
+    CompletionsBackend,
+    parse_completion_stream,
+    penalty_extensions,
+    sampling_fields,
+    sse_error,
+)
 from backends.lora_affinity import parse_lora_requests_info
 from backends.upstream_errors import map_adapter_error_response, map_error_response
 from backends.upstream_pool import Replica, UpstreamPool, relay
@@ -80,7 +91,21 @@ class VLLMBackend(CompletionsBackend):
             body["stop_token_ids"] = list(s.stop_token_ids)
         if s.ignore_eos:
             body["ignore_eos"] = True
+        body.update(penalty_extensions(request))
+        if s.logprobs is not None:
+            body["logprobs"] = s.logprobs
+            body["return_tokens_as_token_ids"] = True
+        if s.prompt_logprobs is not None:
+            body["echo"] = True
+            body["logprobs"] = max(s.prompt_logprobs, s.logprobs or 0)
+            body["return_tokens_as_token_ids"] = True
         return body
+
+    def _parse(self, request: GenerationRequest) -> Any:
+        s = request.sampling
+        top = s.logprobs if s.logprobs is not None else s.prompt_logprobs
+        prompt_length = len(request.prompt_token_ids) if s.prompt_logprobs is not None else None
+        return lambda lines: parse_completion_stream(lines, logprobs=top, prompt_length=prompt_length)
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         payload = self.build_payload(request)
@@ -97,15 +122,16 @@ class VLLMBackend(CompletionsBackend):
             await self._ensure_on(replica, lora)  # type: ignore[arg-type]
             return True
 
+        parse = self._parse(request)
         lines = self.pool.stream_lines(
             "/v1/completions", payload, error_mapper=map_error_response, first_line_error=sse_error, adapter=lora,
             prepare=prepare if loaded else None, repair=repair if loaded else None,
         )
         if not self.verify_prompt_ids:
-            return relay(lines, parse_completion_stream)
+            return relay(lines, parse)
         # vLLM's echo of the prompt ids arrives in the first chunk; we read it off the raw lines.
         checked = _PromptEchoCheck(lines, payload["prompt"])
-        return relay(lines, lambda raw: parse_completion_stream(checked))
+        return relay(lines, lambda raw: parse(checked))
 
     # ------------------------------------------------------------------ adapters
     async def load_adapter(self, name: str, path: str) -> None:

@@ -56,13 +56,42 @@ def completion_budget(state: GatewayState, prompt_tokens: int, requested: int | 
     return room if requested is None else min(requested, room)
 
 
+@dataclass(frozen=True)
+class LogprobRequest:
+    """What a request asks to be reported: ``logprobs`` alternatives per generated token, ``prompt`` per prompt
+    token (echo); ``None`` = not at all."""
+
+    logprobs: int | None = None
+    prompt: int | None = None
+
+
+def logit_bias(state: GatewayState, body: SamplingFields) -> tuple[tuple[int, float], ...]:
+    """The request's ``logit_bias`` as (token id, bias); ids must be tokens of the served vocabulary."""
+    pairs = []
+    vocab = len(state.tokenizer)
+    for key, bias in (body.logit_bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise InvalidRequest(f"logit_bias: {key!r} is not a token id", param="logit_bias") from None
+        if not 0 <= token < vocab:
+            raise InvalidRequest(f"logit_bias: token id {token} is not in the vocabulary (0..{vocab - 1})",
+                                 param="logit_bias")
+        pairs.append((token, float(bias)))
+    return tuple(pairs)
+
+
 def sampling_params(body: SamplingFields, max_tokens: int, stop: Sequence[str], stop_token_ids: Sequence[int],
-                    choice: int, defaults: Mapping[str, float | int] = OPENAI_DEFAULTS) -> SamplingParams:
+                    choice: int, defaults: Mapping[str, float | int] = OPENAI_DEFAULTS,
+                    bias: tuple[tuple[int, float], ...] = (), logprobs: LogprobRequest = LogprobRequest()
+                    ) -> SamplingParams:
     """The engine's parameters for one choice; a field the request leaves out takes the model's ``defaults``
     (``gateway.sampling_defaults``: request field name → value)."""
     # Choice i samples with seed + i, wrapped into the signed 64-bit range every engine takes.
     seed = None if body.seed is None else (body.seed + choice + 2**63) % 2**64 - 2**63
     values = requested_or_default(body, defaults)
+    defaulted = frozenset(name for name, value in values.items()
+                          if value is not None and getattr(body, name, None) is None)
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if values["temperature"] is None else values["temperature"],
@@ -72,6 +101,14 @@ def sampling_params(body: SamplingFields, max_tokens: int, stop: Sequence[str], 
         stop=tuple(stop),
         stop_token_ids=tuple(stop_token_ids),
         ignore_eos=body.ignore_eos,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        repetition_penalty=1.0 if values["repetition_penalty"] is None else values["repetition_penalty"],
+        min_p=values["min_p"] or 0.0,
+        logit_bias=bias,
+        logprobs=logprobs.logprobs,
+        prompt_logprobs=logprobs.prompt,
+        defaulted=defaulted,
     )
 
 
@@ -87,7 +124,7 @@ def stop_token_ids(state: GatewayState, stops: Sequence[str]) -> list[int]:
 
 
 def choice_streams(state: GatewayState, target: Target, prompt: PreparedPrompt, body: SamplingFields, n: int,
-                   max_tokens: int) -> list[AsyncIterator[TextPiece]]:
+                   max_tokens: int, logprobs: LogprobRequest = LogprobRequest()) -> list[AsyncIterator[TextPiece]]:
     """One text stream per choice; each runs as its own sequence in the backend."""
     if n > state.settings.max_queue:  # the choices could never all wait for a batch slot: a 429 would be forever
         raise InvalidRequest(f"n is {n}, more choices than this server can queue (--max-queue "
@@ -98,6 +135,7 @@ def choice_streams(state: GatewayState, target: Target, prompt: PreparedPrompt, 
     if observer is not None:
         observer.generation_started(prompt_tokens=len(prompt.token_ids), max_tokens=max_tokens, model=target.name,
                                     adapter=target.adapter)
+    bias = logit_bias(state, body)
     streams = []
     for choice in range(n):
         request = GenerationRequest(
@@ -105,7 +143,7 @@ def choice_streams(state: GatewayState, target: Target, prompt: PreparedPrompt, 
             prompt_token_ids=prompt.token_ids,
             prompt_text=prompt.text,
             adapter=target.adapter,
-            sampling=sampling_params(body, max_tokens, prompt.stop, ids, choice, defaults),
+            sampling=sampling_params(body, max_tokens, prompt.stop, ids, choice, defaults, bias, logprobs),
         )
         streams.append(stream_text(state.backend.generate(request), state.tokenizer, prompt.stop, observer))
     return streams

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from backends.base import Delta
+from backends.base import Delta, TokenLogprob
 from gateway.request_context import RequestContext
 
 FinishReason = Literal["stop", "length"]
@@ -87,11 +87,50 @@ class StopMatcher:
 
 
 @dataclass(frozen=True)
+class PlacedLogprob:
+    """A generated token's logprob and where its text starts in the choice's returned text."""
+
+    entry: TokenLogprob
+    offset: int
+
+
+@dataclass(frozen=True)
 class TextPiece:
     text: str
     finish_reason: FinishReason | None = None
     completion_tokens: int | None = None
     prompt_tokens: int | None = None
+    logprobs: tuple[PlacedLogprob, ...] = ()  # the tokens whose text starts in this piece (when requested)
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # on the first piece, when requested
+
+
+class _LogprobPlacer:
+    """Keeps logprob entries in step with the text actually returned.
+
+    Each token is placed at the length the detokenized text had before it; it is released with the piece whose
+    visible text reaches past that point. When a stop string cuts the text, tokens that start at or after the cut
+    are dropped (a token straddling the cut is kept: it contributed text). A stop *token* that ended the row (an
+    entry beyond the delta's ``token_ids``) is reported last, with no text, as vLLM does.
+    """
+
+    def __init__(self) -> None:
+        self.produced = 0  # length of all detokenized text so far
+        self.emitted = 0  # length of the text returned so far
+        self._pending: list[PlacedLogprob] = []
+
+    def add(self, delta: Delta, text: str) -> None:
+        for entry in delta.logprobs:
+            self._pending.append(PlacedLogprob(entry, self.produced))
+        self.produced += len(text)
+
+    def release(self, visible: str, *, final: bool = False, cut: bool = False) -> tuple[PlacedLogprob, ...]:
+        self.emitted += len(visible)
+        if final and not cut:
+            out, self._pending = self._pending, []
+            return tuple(out)
+        out = [p for p in self._pending if p.offset < self.emitted]
+        self._pending = [] if final else self._pending[len(out):]
+        return tuple(out)
 
 
 async def stream_text(
@@ -99,11 +138,14 @@ async def stream_text(
 ) -> AsyncIterator[TextPiece]:
     """Text pieces for one completion; the last piece has ``finish_reason`` and the completion token count.
 
+    Logprobs, when the backend sends them, travel on the piece whose text their token starts (``_LogprobPlacer``).
     Stopping on a stop string closes ``deltas``, which cancels the generation in the backend. ``observer`` (the
     request's context) hears of every output delta and of the finish, for metrics and the access log.
     """
     detokenizer = IncrementalDetokenizer(tokenizer)
     matcher = StopMatcher(stops)
+    placer = _LogprobPlacer()
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
     count = 0
     observed = 0  # tokens reported to the observer (a text-only delta counts as one)
     try:
@@ -115,20 +157,27 @@ async def stream_text(
             text = delta.text if delta.text is not None else detokenizer.add(delta.token_ids)
             if delta.finish_reason is not None and delta.text is None:
                 text += detokenizer.flush()
+            placer.add(delta, text)
+            if delta.prompt_logprobs is not None:
+                prompt_logprobs = delta.prompt_logprobs
             visible = matcher.feed(text)
             if matcher.stopped:
                 if observer is not None:
                     observer.finished("stop", observed, delta.completion_tokens or count or None)
-                yield TextPiece(visible, "stop", delta.completion_tokens or count, delta.prompt_tokens)
+                yield TextPiece(visible, "stop", delta.completion_tokens or count, delta.prompt_tokens,
+                                placer.release(visible, final=True, cut=True), prompt_logprobs)
                 return
             if delta.finish_reason is not None:
                 visible += matcher.flush()
                 if observer is not None:
                     observer.finished(delta.finish_reason, observed, delta.completion_tokens or count or None)
-                yield TextPiece(visible, delta.finish_reason, delta.completion_tokens or count, delta.prompt_tokens)
+                yield TextPiece(visible, delta.finish_reason, delta.completion_tokens or count, delta.prompt_tokens,
+                                placer.release(visible, final=True), prompt_logprobs)
                 return
-            if visible:
-                yield TextPiece(visible)
+            placed = placer.release(visible)
+            if visible or placed or prompt_logprobs is not None:
+                yield TextPiece(visible, logprobs=placed, prompt_logprobs=prompt_logprobs)
+                prompt_logprobs = None
     finally:
         close = getattr(deltas, "aclose", None)
         if close is not None:

@@ -31,6 +31,9 @@ class ServedTokenizer:
             return list(self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
         return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
 
+    def __len__(self) -> int:  # the vocabulary size with added tokens (dunders bypass __getattr__)
+        return len(self.hf)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.hf, name)
 

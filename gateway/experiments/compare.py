@@ -26,7 +26,8 @@ from gateway.experiments.routing import VARIANT_HEADER, Resolution
 from gateway.generation import PreparedPrompt, choice_streams, completion_budget, merge_streams, new_id
 from gateway.protocol.chat import ChatCompletionRequest
 from gateway.protocol.experiments import CompareEvent, CompareMetrics, CompareRequest, CompareResponse, CompareResult
-from gateway.routes.chat import complete, output_parser, prepare_chat, stream_chunks
+from gateway.logprobs import TokenNames
+from gateway.routes.chat import complete, logprob_request, output_parser, prepare_chat, stream_chunks
 from gateway.state import GatewayState
 from gateway.streaming import TextPiece
 from gateway.templates import OutputParser
@@ -69,6 +70,7 @@ class Run:
     observation: Observation
     streams: list[AsyncIterator[TextPiece]]
     parser: OutputParser
+    names: TokenNames | None  # token names, when the request asked for logprobs
 
     @property
     def model(self) -> str:
@@ -110,9 +112,11 @@ async def running(state: GatewayState, body: CompareRequest, contestant: Contest
         prompt = prepared.prompt
         max_tokens = completion_budget(state, len(prompt.token_ids), chat.completion_budget())
         observation = observe(state, new_id("chatcmpl"), "compare", contestant.resolution, chat, prompt)
-        streams = observation.watch(choice_streams(state, lease.target, prompt, chat, 1, max_tokens))
+        logprobs = logprob_request(chat)
+        names = TokenNames(state.tokenizer) if logprobs.logprobs is not None else None
+        streams = observation.watch(choice_streams(state, lease.target, prompt, chat, 1, max_tokens, logprobs))
         parser = output_parser(lease.target, chat, prepared.tools_offered)
-        yield Run(contestant, chat, prompt, observation, streams, parser)
+        yield Run(contestant, chat, prompt, observation, streams, parser, names)
 
 
 def _failed(contestant: Contestant, exc: GatewayError) -> CompareResult:
@@ -124,7 +128,7 @@ async def answer(state: GatewayState, body: CompareRequest, contestant: Contesta
     try:
         async with running(state, body, contestant) as run:
             completion = await complete(run.observation.response_id, run.model, len(run.prompt.token_ids),
-                                        run.streams, [run.parser])
+                                        run.streams, [run.parser], run.names)
     except GatewayError as exc:
         return _failed(contestant, exc)
     result = run.result()
@@ -143,7 +147,7 @@ async def _events(state: GatewayState, body: CompareRequest, contestant: Contest
         async with running(state, body, contestant) as run:
             include_usage = bool(run.chat.stream_options and run.chat.stream_options.include_usage)
             chunks = stream_chunks(run.observation.response_id, run.model, len(run.prompt.token_ids), run.streams,
-                                   [run.parser], include_usage)
+                                   [run.parser], include_usage, run.names)
             async for chunk in chunks:
                 yield CompareEvent(model=label, index=index, chunk=chunk)
     except GatewayError as exc:

@@ -48,15 +48,14 @@ class ToolDefinition(OpenAIModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     model: str
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    logprobs: bool | None = None
     max_completion_tokens: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1, le=16)
-    presence_penalty: float | None = None
     response_format: dict[str, Any] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     tools: list[ToolDefinition] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
     # --- lora-gateway extensions -------------------------------------------------------------------------------
     chat_template_kwargs: dict[str, Any] | None = Field(
@@ -77,11 +76,29 @@ class AssistantMessage(BaseModel):
     tool_calls: list[ToolCallBody] | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
 class Choice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: Literal["stop", "length", "tool_calls"] | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -111,7 +128,7 @@ class ChunkChoice(BaseModel):
     index: int
     delta: ChoiceDelta
     finish_reason: Literal["stop", "length", "tool_calls"] | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -12,18 +12,29 @@ from gateway.protocol.common import SamplingFields, Usage
 
 class CompletionRequest(SamplingFields):
     model: str
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="Text, or token ids (OpenAI allows both); a list of several prompts answers each of them.")
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20, description="OpenAI allows 0..5; like vLLM we allow up to 20.")
     max_tokens: int | None = Field(16, ge=1)
     n: int = Field(1, ge=1, le=16)
     suffix: str | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape: parallel lists, one entry per token (``None`` for the first echoed prompt token)."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
 
 
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: Literal["stop", "length"] | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):

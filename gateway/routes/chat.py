@@ -16,6 +16,7 @@ from gateway.disconnects import while_connected
 from gateway.errors import InvalidRequest
 from gateway.experiments.hooks import observe, resolve_route
 from gateway.generation import (
+    LogprobRequest,
     PreparedPrompt,
     choice_streams,
     completion_budget,
@@ -26,6 +27,7 @@ from gateway.generation import (
     start_stream,
 )
 from gateway.history import MESSAGES_DROPPED_HEADER, fit_history
+from gateway.logprobs import TokenNames, chat_logprobs
 from gateway.protocol.chat import (
     AssistantMessage,
     ChatCompletion,
@@ -44,7 +46,7 @@ from gateway.registry import Target
 from gateway.routes.deps import admit_generation, gateway_state, require_api_key
 from gateway.sse import sse_response
 from gateway.state import GatewayState
-from gateway.streaming import TextPiece
+from gateway.streaming import PlacedLogprob, TextPiece
 from gateway.templates import OutputParser, ParsedDelta, encode_segments
 from gateway.tokenization import prepare_off_loop
 from gateway.tool_policy import TOOLS_IGNORED_HEADER
@@ -161,6 +163,12 @@ def _log_policies(target: Target, chat: ChatPrompt) -> None:
                  target.name, chat.messages_dropped)
 
 
+def logprob_request(body: ChatCompletionRequest) -> LogprobRequest:
+    if body.top_logprobs is not None and not body.logprobs:
+        raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+    return LogprobRequest(logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+
+
 @router.post("/v1/chat/render")
 async def render_chat_prompt(body: ChatCompletionRequest, request: Request,
                              state: GatewayState = Depends(gateway_state)) -> RenderedChat:
@@ -179,6 +187,8 @@ async def create_chat_completion(
 ) -> JSONResponse | Any:
     note_unknown_fields(state, body)
     check_sizes(state.settings, body.messages, body.tools)
+    logprobs = logprob_request(body)
+    names = TokenNames(state.tokenizer) if logprobs.logprobs is not None else None
     resolution = resolve_route(state, body, request)  # a route becomes one of its variants before the lease
     async with state.adapters.leased(resolution.model) as lease:
         target = lease.target
@@ -187,19 +197,21 @@ async def create_chat_completion(
         max_tokens = completion_budget(state, len(prompt.token_ids), body.completion_budget())
         completion_id = new_id("chatcmpl")
         observation = observe(state, completion_id, "chat", resolution, body, prompt)
-        streams = observation.watch(choice_streams(state, target, prompt, body, body.n, max_tokens))
+        streams = observation.watch(choice_streams(state, target, prompt, body, body.n, max_tokens, logprobs))
         parsers = [output_parser(target, body, chat.tools_offered) for _ in range(body.n)]
         model = resolution.public_model
         _log_policies(target, chat)
         headers = {**chat.headers(), **resolution.headers()}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            chunks = stream_chunks(completion_id, model, len(prompt.token_ids), streams, parsers, include_usage)
+            chunks = stream_chunks(completion_id, model, len(prompt.token_ids), streams, parsers, include_usage,
+                                   names)
             streaming = sse_response(await start_stream(lease, chunks))
             streaming.headers.update(headers)  # FastAPI applies `response`'s headers to returned models only
             return streaming
         response.headers.update(headers)
-        return await while_connected(request, complete(completion_id, model, len(prompt.token_ids), streams, parsers))
+        return await while_connected(request, complete(completion_id, model, len(prompt.token_ids), streams, parsers,
+                                                       names))
 
 
 def _tool_calls(parsed: ParsedDelta) -> list[ToolCallBody] | None:
@@ -211,13 +223,15 @@ def _tool_calls(parsed: ParsedDelta) -> list[ToolCallBody] | None:
 
 
 async def complete(completion_id: str, model: str, prompt_tokens: int, streams: list[AsyncIterator[TextPiece]],
-                   parsers: list[OutputParser]) -> ChatCompletion:
+                   parsers: list[OutputParser], names: TokenNames | None = None) -> ChatCompletion:
+    placed: list[list[PlacedLogprob]] = [[] for _ in streams]
     content = [""] * len(streams)
     reasoning = [""] * len(streams)
     finish: list[Any] = [None] * len(streams)
     calls: list[list[ToolCallBody] | None] = [None] * len(streams)
     completion_tokens = 0
     async for index, piece in merge_streams(streams):
+        placed[index].extend(piece.logprobs)
         parsed = parsers[index].feed(piece.text)
         content[index] += parsed.content
         reasoning[index] += parsed.reasoning_content
@@ -237,6 +251,7 @@ async def complete(completion_id: str, model: str, prompt_tokens: int, streams: 
                 tool_calls=calls[i],
             ),
             finish_reason=finish[i],
+            logprobs=None if names is None else chat_logprobs(placed[i], names),
         )
         for i in range(len(streams))
     ]
@@ -245,7 +260,7 @@ async def complete(completion_id: str, model: str, prompt_tokens: int, streams: 
     return ChatCompletion(id=completion_id, model=model, choices=choices, usage=usage)
 
 
-def _delta_chunk(base: dict[str, Any], index: int, parsed: ParsedDelta, finish: Any = None) -> ChatCompletionChunk:
+def _delta_chunk(base: dict[str, Any], index: int, parsed: ParsedDelta, logprobs: Any = None) -> ChatCompletionChunk:
     tool_calls = None
     if parsed.tool_calls:
         tool_calls = [
@@ -256,11 +271,12 @@ def _delta_chunk(base: dict[str, Any], index: int, parsed: ParsedDelta, finish: 
         ]
     delta = ChoiceDelta(content=parsed.content or None, reasoning_content=parsed.reasoning_content or None,
                         tool_calls=tool_calls)
-    return ChatCompletionChunk(**base, choices=[ChunkChoice(index=index, delta=delta, finish_reason=finish)])
+    return ChatCompletionChunk(**base, choices=[ChunkChoice(index=index, delta=delta, logprobs=logprobs)])
 
 
 async def stream_chunks(completion_id: str, model: str, prompt_tokens: int, streams: list[AsyncIterator[TextPiece]],
-                        parsers: list[OutputParser], include_usage: bool) -> AsyncIterator[ChatCompletionChunk]:
+                        parsers: list[OutputParser], include_usage: bool,
+                        names: TokenNames | None = None) -> AsyncIterator[ChatCompletionChunk]:
     base: dict[str, Any] = {"id": completion_id, "created": int(time.time()), "model": model}
     pieces = merge_streams(streams)
     first = await anext(pieces)  # the backend has accepted the request (or raised) before any byte is sent
@@ -270,9 +286,11 @@ async def stream_chunks(completion_id: str, model: str, prompt_tokens: int, stre
     )
     completion_tokens = 0
     async for index, piece in prepend(first, pieces):
+        # A chunk's logprobs are those of the tokens whose text it starts; they ride on its first delta chunk.
+        logprobs = None if names is None or not piece.logprobs else chat_logprobs(piece.logprobs, names)
         parsed = parsers[index].feed(piece.text)
-        if parsed:
-            yield _delta_chunk(base, index, parsed)
+        if parsed or logprobs is not None:
+            yield _delta_chunk(base, index, parsed, logprobs)
         if piece.finish_reason is not None:
             tail = parsers[index].finish()
             if tail:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Any
 
 from backends.base import Delta, GenerationRequest, SamplingParams
 
@@ -22,6 +23,7 @@ def gen_request(
     stop: tuple[str, ...] = (),
     stop_token_ids: tuple[int, ...] = (),
     ignore_eos: bool = False,
+    **extra: Any,
 ) -> GenerationRequest:
     sampling = SamplingParams(
         max_tokens=max_tokens,
@@ -32,6 +34,7 @@ def gen_request(
         stop=stop,
         stop_token_ids=stop_token_ids,
         ignore_eos=ignore_eos,
+        **extra,
     )
     return GenerationRequest("req-1", prompt_token_ids, prompt_text, adapter, sampling)
 

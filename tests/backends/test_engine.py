@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from backends.base import GenerationRequest, SamplingParams
+from backends.base import Delta, GenerationRequest, SamplingParams
 from backends.torch_native import TorchBackend
 from gateway.errors import Conflict, InvalidRequest, Overloaded
 
@@ -42,7 +43,7 @@ async def _backend(dirs: dict[str, Path], **kwargs: int) -> TorchBackend:
     return backend
 
 
-def _request(prompt: list[int], adapter: str | None, max_tokens: int = 12, **sampling: float) -> GenerationRequest:
+def _request(prompt: list[int], adapter: str | None, max_tokens: int = 12, **sampling: Any) -> GenerationRequest:
     params = SamplingParams(max_tokens=max_tokens, temperature=sampling.pop("temperature", 0.0), **sampling)
     return GenerationRequest(request_id="t", prompt_token_ids=tuple(prompt), prompt_text="", adapter=adapter,
                              sampling=params)
@@ -208,3 +209,51 @@ async def test_running_and_waiting_rows_per_adapter(model_dirs: dict[str, Path])
         assert ctx.engine_queue_seconds is not None and ctx.engine_queue_seconds >= 0
     finally:
         await backend.aclose()
+async def _collect_deltas(backend: TorchBackend, request: GenerationRequest) -> list[Delta]:
+    return [delta async for delta in backend.generate(request)]
+
+
+async def test_every_knob_per_row_alone_equals_in_a_mixed_batch(model_dirs: dict[str, Path]) -> None:
+    backend = await _backend(model_dirs)
+    knobs = {"frequency_penalty": 0.4, "presence_penalty": 0.2, "repetition_penalty": 1.2, "min_p": 0.05,
+             "logit_bias": ((17, 3.0), (18, -100.0)), "logprobs": 3, "top_p": 0.9, "top_k": 40}
+    try:
+        request = _request([30, 31, 32, 18], "a", max_tokens=16, temperature=0.9, seed=11, **knobs)
+        alone = await _collect_deltas(backend, request)
+        others = [_collect_deltas(backend, _request(p, a, max_tokens=16, **extra)) for (p, a), extra in zip(
+            PROMPTS, [{}, {"temperature": 1.2, "seed": 3}, {"repetition_penalty": 1.5}, {"logprobs": 1},
+                      {"frequency_penalty": -1.0, "temperature": 0.7}], strict=True)]
+        crowd = await asyncio.gather(*others[:2], _collect_deltas(backend, request), *others[2:])
+        echo = await _collect_deltas(backend, _request([30, 31, 32, 18], None, max_tokens=2, prompt_logprobs=2))
+    finally:
+        await backend.aclose()
+    # Same tokens; logprobs equal up to float32 rounding of the batched forward pass (|diff| ~ 1e-6).
+    assert [d.token_ids for d in crowd[2]] == [d.token_ids for d in alone]
+    pairs = zip([e for d in crowd[2] for e in d.logprobs], [e for d in alone for e in d.logprobs], strict=True)
+    assert all(a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-4 for a, b in pairs)
+    tokens = [t for d in alone for t in d.token_ids]
+    assert 18 not in tokens  # banned
+    assert [e.token_id for d in alone for e in d.logprobs][: len(tokens)] == tokens
+    assert all(len(e.top) == 3 and e.logprob <= 0 for d in alone for e in d.logprobs)
+    prompt = echo[0].prompt_logprobs
+    assert prompt is not None and prompt[0] is None and [e.token_id for e in prompt[1:] if e] == [31, 32, 18]
+
+
+async def test_logprobs_are_the_models_log_softmax_after_bias(model_dirs: dict[str, Path]) -> None:
+    backend = await _backend(model_dirs)
+    try:
+        deltas = await _collect_deltas(backend, _request([5, 6, 7], None, max_tokens=4, logprobs=2,
+                                                         logit_bias=((9, 1.5),)))
+    finally:
+        await backend.aclose()
+    model = Qwen2ForCausalLM.from_pretrained(model_dirs["base"]).eval()
+    ids = [5, 6, 7]
+    for entry in [e for d in deltas for e in d.logprobs]:
+        with torch.inference_mode():
+            logits = model(torch.tensor([ids])).logits[0, -1].clone()
+            logits[9] += 1.5
+        reference = torch.log_softmax(logits, dim=-1)
+        assert entry.token_id == int(torch.argmax(reference))
+        assert abs(entry.logprob - float(reference[entry.token_id])) < 1e-4
+        assert [i for i, _ in entry.top] == torch.topk(reference, 2).indices.tolist()
+        ids.append(entry.token_id)

@@ -297,6 +297,45 @@ def long_stream(client: openai.OpenAI) -> Any:
                                      extra_body={"ignore_eos": True})
 
 
+def _reference_log_softmax(demo: DemoModels, adapter: str | None, ids: list[int]) -> Any:
+    """The demo model (and adapter, through peft) run directly: log-softmax after every prefix of ``ids``."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model: Any = AutoModelForCausalLM.from_pretrained(demo.base_dir, dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(demo.adapters[adapter]))
+    with torch.inference_mode():
+        return torch.log_softmax(model.eval()(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+def test_logprobs_pass_through_from_vllm(client: openai.OpenAI, gateway: str, demo_models: DemoModels) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_models.base_dir)
+    answer = ask(client, "pku-assistant", logprobs=True, top_logprobs=2, max_tokens=12)
+    entries = answer.choices[0].logprobs.content
+    assert entries and all(len(e.top_logprobs) == 2 for e in entries)
+    body = {"model": "pku-assistant", "messages": list(WHO)}
+    prompt = httpx.post(f"{gateway}/v1/chat/render", json=body, timeout=30).json()["token_ids"]
+    generated = tokenizer(answer.choices[0].message.content, add_special_tokens=False).input_ids
+    rows = _reference_log_softmax(demo_models, "pku-assistant", prompt + generated)[len(prompt) - 1 :]
+    for position, entry in enumerate(entries[: len(generated)]):
+        assert entry.token == tokenizer.decode([generated[position]])
+        assert abs(entry.logprob - float(rows[position, generated[position]])) < 1e-3
+    # Completions with echo: the prompt's logprobs from vLLM (first null), no prompt text doubled.
+    ids = tokenizer("The capital of France", add_special_tokens=False).input_ids
+    echoed = client.completions.create(model=DEMO_BASE_NAME, prompt=ids, max_tokens=2, temperature=0, logprobs=1,
+                                       echo=True)
+    lp = echoed.choices[0].logprobs
+    assert echoed.choices[0].text.startswith(tokenizer.decode(ids)) and echoed.choices[0].text.count("France") == 1
+    assert lp.token_logprobs[0] is None and len(lp.tokens) >= len(ids) + 1
+    reference = _reference_log_softmax(demo_models, None, ids)
+    for position in range(1, len(ids)):
+        assert abs(lp.token_logprobs[position] - float(reference[position - 1, ids[position]])) < 1e-3
+
+
 def test_closing_the_stream_aborts_the_request_in_vllm(client: openai.OpenAI, vllm: VLLMServer) -> None:
     before = settled(lambda: generated_tokens(vllm.url))
     start = time.perf_counter()
