@@ -17,6 +17,23 @@ FinishReason = Literal["stop", "length"]
 
 
 @dataclass(frozen=True)
+class OutputConstraint:
+    """What the output must be: ``prefix``, one JSON value valid against ``json_schema``, ``suffix``, then the end.
+
+    ``json_schema`` is JSON text (``{"type": "object"}`` for JSON mode); ``prefix``/``suffix`` are literal text (a
+    tool format's markers). ``thought`` holds a reasoning template's (open, close) words when the output may start
+    with a thought block before ``prefix``; the text inside it is not constrained. ``param`` names the request field
+    the constraint comes from, for errors. Hashable: backends cache compiled grammars by it.
+    """
+
+    json_schema: str
+    prefix: str = ""
+    suffix: str = ""
+    thought: tuple[str, str] | None = None
+    param: str = "response_format"
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens. ``temperature == 0`` means greedy; ``stop_token_ids`` end generation when sampled."""
 
@@ -28,6 +45,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings; the gateway also enforces them across token boundaries
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False  # the model's end-of-sequence ids do not stop generation (stop_token_ids still do)
+    constraint: OutputConstraint | None = None  # structured output (response_format, forced tool calls)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,14 @@ from typing import Any
 from backends.base import Capabilities, Delta, FinishReason, GenerationRequest, Health
 from backends.upstream_errors import error_from_event, map_error_response
 from backends.upstream_pool import UpstreamPool, relay
-from gateway.errors import AdapterLoadError, BackendUnavailable, GatewayError, ModelNotFound, UpstreamError
+from gateway.errors import (
+    AdapterLoadError,
+    BackendUnavailable,
+    GatewayError,
+    InvalidRequest,
+    ModelNotFound,
+    UpstreamError,
+)
 
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "tool_calls": "stop", "eos": "stop"}
 
@@ -95,6 +102,16 @@ def sampling_fields(request: GenerationRequest) -> dict[str, Any]:
     if s.stop:
         body["stop"] = list(s.stop)
     return body
+
+
+def refuse_constraint(request: GenerationRequest, engine: str) -> None:
+    """Structured output the upstream has no field for is refused, never dropped."""
+    constraint = request.sampling.constraint
+    if constraint is not None:
+        raise InvalidRequest(
+            f"the {engine} backend cannot constrain the output to a schema or a tool call ({constraint.param})",
+            param=constraint.param,
+        )
 
 
 class CompletionsBackend:
@@ -176,6 +193,7 @@ class CompletionsBackend:
 
     def build_payload(self, request: GenerationRequest) -> dict[str, Any]:
         """The JSON body for ``/v1/completions``. This one is plain OpenAI: text prompt, standard fields."""
+        refuse_constraint(request, self.engine)
         return {
             "model": self.model_for(request.adapter),
             "prompt": request.prompt_text,

@@ -29,6 +29,7 @@ from transformers import DynamicCache
 from backends.base import Delta, GenerationRequest
 from backends.lora import LoraBank
 from backends.sampling import RowSampler, choose_tokens
+from backends.structured import RowGrammar, mask_logits
 from gateway.errors import BackendUnavailable, GatewayError, Overloaded
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class Sequence:
     sampler: RowSampler
     stop_token_ids: frozenset[int]
     max_total_len: int
+    grammar: RowGrammar | None = None  # structured output: the tokens this row may choose (backends.structured)
     generated: int = 0
     next_token: int = -1
     cancelled: bool = False
@@ -249,6 +251,7 @@ class Engine:
         cache = DynamicCache()
         logits = self._forward(ids, mask, positions, cache, [s.adapter for s in joining])
         self._join(joining, cache, mask)
+        mask_logits(logits, [s.grammar for s in joining])
         self._accept(joining, choose_tokens(logits, [s.sampler for s in joining]))
 
     def _decode(self) -> None:
@@ -258,6 +261,7 @@ class Engine:
         positions = torch.tensor([[s.position] for s in rows], dtype=torch.long, device=self.device)
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
         logits = self._forward(ids, self._mask, positions, self._cache, [s.adapter for s in rows])
+        mask_logits(logits, [s.grammar for s in rows])
         self._accept(rows, choose_tokens(logits, [s.sampler for s in rows]))
 
     def _accept(self, rows: list[Sequence], tokens: list[int]) -> None:
@@ -268,6 +272,9 @@ class Engine:
             seq.next_token = token
             if token in seq.stop_token_ids:
                 self._post(seq, Delta(finish_reason="stop", completion_tokens=seq.generated))
+                finished.append(seq)
+            elif seq.grammar is not None and seq.grammar.accept(token):  # the grammar is complete: nothing may follow
+                self._post(seq, Delta(token_ids=(token,), finish_reason="stop", completion_tokens=seq.generated))
                 finished.append(seq)
             elif seq.generated >= seq.request.sampling.max_tokens or seq.position + 1 >= seq.max_total_len:
                 self._post(seq, Delta(token_ids=(token,), finish_reason="length", completion_tokens=seq.generated))

@@ -11,6 +11,8 @@ Protocol facts (LMDeploy's ``/v1/completions``, ``lmdeploy/serve/openai``):
   stop matching sees it. ``stop`` is honoured, but LMDeploy turns each stop word into the ids of every token
   *containing* it, so it may stop a little earlier than the gateway would for multi-character plain-text stops;
   ``stop_token_ids`` is not a request field there (eos from the model's generation config stops by itself).
+* Structured output: LMDeploy's ``response_format`` is a field of its ``/v1/chat/completions`` only (its
+  ``/v1/completions`` request has none), so ``response_format`` and forced ``tool_choice`` are refused with a 400.
 * Streaming: ``data: {json}\\n\\n`` chunks, with ``stream_options.include_usage`` a usage chunk with
   ``choices: []``, then ``data: [DONE]``. Errors: flat ``{"object": "error", "message", "type", "code": <int>,
   "param"}`` with the same status; an unknown model answers 404.
@@ -21,7 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 from backends.base import Capabilities, GenerationRequest
-from backends.completions import CompletionsBackend, sampling_fields
+from backends.completions import CompletionsBackend, refuse_constraint, sampling_fields
 
 
 class LMDeployBackend(CompletionsBackend):
@@ -29,6 +31,7 @@ class LMDeployBackend(CompletionsBackend):
     engine = "lmdeploy"
 
     def build_payload(self, request: GenerationRequest) -> dict[str, Any]:
+        refuse_constraint(request, self.engine)
         return {
             "model": self.model_for(request.adapter),
             "prompt": request.prompt_text,

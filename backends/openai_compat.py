@@ -1,6 +1,7 @@
 """Any OpenAI-compatible server with ``/v1/completions`` (``--backend openai``): llama.cpp's server, SGLang, TGI...
 
-Only standard OpenAI fields are sent (``ignore_eos`` is not one: such a request is refused). The prompt is
+Only standard OpenAI fields are sent (``ignore_eos`` is not one: such a request is refused, and so is structured
+output: OpenAI's ``/v1/completions`` has no ``response_format``). The prompt is
 the rendered text unless ``token_prompt=True`` (the OpenAI spec allows a list of token ids as ``prompt``;
 servers that honour it then see exactly the gateway's ids).
 Adapters must already be served under some model name: map them with ``served_adapters``.
@@ -12,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from backends.base import Capabilities, GenerationRequest
-from backends.completions import CompletionsBackend, sampling_fields
+from backends.completions import CompletionsBackend, refuse_constraint, sampling_fields
 from backends.upstream_pool import UpstreamPool
 from gateway.errors import InvalidRequest
 
@@ -39,6 +40,7 @@ class OpenAICompatBackend(CompletionsBackend):
     def build_payload(self, request: GenerationRequest) -> dict[str, Any]:
         if request.sampling.ignore_eos:
             raise InvalidRequest("this OpenAI-compatible upstream cannot ignore end-of-sequence", param="ignore_eos")
+        refuse_constraint(request, "openai")  # OpenAI's /v1/completions has no response_format
         prompt: Any = list(request.prompt_token_ids) if self.token_prompt else request.prompt_text
         return {
             "model": self.model_for(request.adapter),

@@ -7,6 +7,9 @@ vLLM facts this relies on (checked against vLLM 0.32's OpenAI server):
 * ``return_token_ids: true`` adds the generated ``token_ids`` to every stream chunk and the ``prompt_token_ids``
   to the first one. We use the first to check that vLLM received our ids unchanged.
 * ``stop_token_ids``, ``top_k`` and ``ignore_eos`` are vLLM extensions; each is sent only when set.
+* Structured output: ``structured_outputs: {"json": schema}`` on ``/v1/completions`` (the ``guided_*`` fields
+  were removed in vLLM 0.12). The constraint starts at the first generated token (no thought block first).
+  Forced tool calls are refused: their grammar is a tool format's markers around the JSON.
 * Errors: ``{"error": {"message", "type", "param", "code": <int>}}`` (older: flat ``{"object": "error", ...}``).
 * LoRAs: ``--enable-lora --lora-modules name=path`` at start, listed by ``/v1/models`` with ``parent``/``root``;
   with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` also ``POST /v1/load_lora_adapter {"lora_name", "lora_path"}``
@@ -23,7 +26,7 @@ from backends.base import Capabilities, Delta, GenerationRequest
 from backends.completions import CompletionsBackend, parse_completion_stream, sampling_fields, sse_error
 from backends.upstream_errors import map_adapter_error_response, map_error_response
 from backends.upstream_pool import UpstreamPool, relay
-from gateway.errors import AdapterLoadError, UpstreamError
+from gateway.errors import AdapterLoadError, InvalidRequest, UpstreamError
 
 
 class VLLMBackend(CompletionsBackend):
@@ -68,6 +71,10 @@ class VLLMBackend(CompletionsBackend):
             body["stop_token_ids"] = list(s.stop_token_ids)
         if s.ignore_eos:
             body["ignore_eos"] = True
+        if s.constraint is not None:
+            if s.constraint.prefix or s.constraint.suffix:
+                raise InvalidRequest("the vllm backend cannot force tool calls", param=s.constraint.param)
+            body["structured_outputs"] = {"json": json.loads(s.constraint.json_schema)}
         return body
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:

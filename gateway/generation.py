@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from backends.base import GenerationRequest, SamplingParams
+from backends.base import GenerationRequest, OutputConstraint, SamplingParams
 from gateway.adapters import Lease
 from gateway.errors import InvalidRequest
 from gateway.protocol.common import SamplingFields
@@ -41,8 +41,14 @@ def note_unknown_fields(state: GatewayState, body: SamplingFields) -> None:
             log.info("ignoring unknown request field %r (logged once)", name)
 
 
+CAPPED_HEADER = "x-gateway-max-tokens-capped"
+
+
 def completion_budget(state: GatewayState, prompt_tokens: int, requested: int | None) -> int:
-    """Tokens the completion may use: what was asked for, capped by what the context has left."""
+    """Tokens the completion may use: what was asked for, capped by what the context has left.
+
+    A cap is logged (info, once per request) and reported to the client by ``capped_headers``.
+    """
     room = state.max_model_len - prompt_tokens
     if room <= 0:
         raise InvalidRequest(
@@ -51,11 +57,20 @@ def completion_budget(state: GatewayState, prompt_tokens: int, requested: int | 
             param="messages",
             code="context_length_exceeded",
         )
-    return room if requested is None else min(requested, room)
+    if requested is not None and requested > room:
+        log.info("max_tokens %d capped to %d: the prompt's %d tokens leave that much of the %d-token context",
+                 requested, room, prompt_tokens, state.max_model_len)
+        return room
+    return room if requested is None else requested
+
+
+def capped_headers(requested: int | None, budget: int) -> dict[str, str]:
+    """``x-gateway-max-tokens-capped: N`` when the request asked for more than the ``budget`` it got."""
+    return {CAPPED_HEADER: str(budget)} if requested is not None and requested > budget else {}
 
 
 def sampling_params(body: SamplingFields, max_tokens: int, stop: Sequence[str], stop_token_ids: Sequence[int],
-                    choice: int) -> SamplingParams:
+                    choice: int, constraint: OutputConstraint | None = None) -> SamplingParams:
     seed = None if body.seed is None else body.seed + choice
     return SamplingParams(
         max_tokens=max_tokens,
@@ -66,6 +81,7 @@ def sampling_params(body: SamplingFields, max_tokens: int, stop: Sequence[str], 
         stop=tuple(stop),
         stop_token_ids=tuple(stop_token_ids),
         ignore_eos=body.ignore_eos,
+        constraint=constraint,
     )
 
 
@@ -81,8 +97,9 @@ def stop_token_ids(state: GatewayState, stops: Sequence[str]) -> list[int]:
 
 
 def choice_streams(state: GatewayState, target: Target, prompt: PreparedPrompt, body: SamplingFields, n: int,
-                   max_tokens: int) -> list[AsyncIterator[TextPiece]]:
-    """One text stream per choice; each runs as its own sequence in the backend."""
+                   max_tokens: int, constraint: OutputConstraint | None = None) -> list[AsyncIterator[TextPiece]]:
+    """One text stream per choice; each runs as its own sequence in the backend (``constraint``: structured
+    output, see ``gateway.structured``)."""
     ids = stop_token_ids(state, prompt.stop)
     streams = []
     for choice in range(n):
@@ -91,7 +108,7 @@ def choice_streams(state: GatewayState, target: Target, prompt: PreparedPrompt, 
             prompt_token_ids=prompt.token_ids,
             prompt_text=prompt.text,
             adapter=target.adapter,
-            sampling=sampling_params(body, max_tokens, prompt.stop, ids, choice),
+            sampling=sampling_params(body, max_tokens, prompt.stop, ids, choice, constraint),
         )
         streams.append(stream_text(state.backend.generate(request), state.tokenizer, prompt.stop))
     return streams

@@ -6,11 +6,12 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 
 from gateway.generation import (
     PreparedPrompt,
+    capped_headers,
     choice_streams,
     completion_budget,
     merge_streams,
@@ -38,6 +39,7 @@ from gateway.routes.deps import gateway_state, require_api_key
 from gateway.sse import sse_response
 from gateway.state import GatewayState
 from gateway.streaming import TextPiece
+from gateway.structured import output_constraint
 from gateway.templates import OutputParser, ParsedDelta, encode_segments
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -81,20 +83,25 @@ async def render_chat_prompt(body: ChatCompletionRequest, state: GatewayState = 
 
 @router.post("/v1/chat/completions", response_model=None)
 async def create_chat_completion(
-    body: ChatCompletionRequest, state: GatewayState = Depends(gateway_state)
+    body: ChatCompletionRequest, response: Response, state: GatewayState = Depends(gateway_state)
 ) -> JSONResponse | Any:
     note_unknown_fields(state, body)
     async with state.adapters.leased(body.model) as lease:
         target = lease.target
         prompt = render_chat(state, target, body)
-        max_tokens = completion_budget(state, len(prompt.token_ids), body.completion_budget())
-        streams = choice_streams(state, target, prompt, body, body.n, max_tokens)
-        completion_id = new_id("chatcmpl")
         parsers = [_parser(target, body) for _ in range(body.n)]
+        constraint = output_constraint(target, body, prompt.text, parsers[0])
+        max_tokens = completion_budget(state, len(prompt.token_ids), body.completion_budget())
+        streams = choice_streams(state, target, prompt, body, body.n, max_tokens, constraint)
+        completion_id = new_id("chatcmpl")
+        headers = capped_headers(body.completion_budget(), max_tokens)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             chunks = _stream_chunks(completion_id, body.model, len(prompt.token_ids), streams, parsers, include_usage)
-            return sse_response(await start_stream(lease, chunks))
+            stream = sse_response(await start_stream(lease, chunks))
+            stream.headers.update(headers)
+            return stream
+        response.headers.update(headers)
         return await _complete(completion_id, body.model, len(prompt.token_ids), streams, parsers)
 
 

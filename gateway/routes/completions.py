@@ -6,11 +6,12 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Response
 
 from gateway.errors import InvalidRequest
 from gateway.generation import (
     PreparedPrompt,
+    capped_headers,
     choice_streams,
     completion_budget,
     merge_streams,
@@ -44,7 +45,8 @@ def prepare_text(state: GatewayState, body: CompletionRequest) -> PreparedPrompt
 
 
 @router.post("/v1/completions", response_model=None)
-async def create_completion(body: CompletionRequest, state: GatewayState = Depends(gateway_state)) -> Any:
+async def create_completion(body: CompletionRequest, response: Response,
+                            state: GatewayState = Depends(gateway_state)) -> Any:
     note_unknown_fields(state, body)
     async with state.adapters.leased(body.model) as lease:
         prompt = prepare_text(state, body)
@@ -52,10 +54,14 @@ async def create_completion(body: CompletionRequest, state: GatewayState = Depen
         streams = choice_streams(state, lease.target, prompt, body, body.n, max_tokens)
         completion_id = new_id("cmpl")
         echo = prompt.text if body.echo else ""
+        headers = capped_headers(body.max_tokens, max_tokens)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             chunks = _stream(completion_id, body.model, len(prompt.token_ids), streams, echo, include_usage)
-            return sse_response(await start_stream(lease, chunks))
+            stream = sse_response(await start_stream(lease, chunks))
+            stream.headers.update(headers)
+            return stream
+        response.headers.update(headers)
         return await _complete(completion_id, body.model, len(prompt.token_ids), streams, echo)
 
 
