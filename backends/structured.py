@@ -123,6 +123,7 @@ class GrammarCompiler:
     """
 
     def __init__(self, tokenizer: Any, vocab_size: int, cache_size: int = 128) -> None:
+        """``tokenizer``: the model's Hugging Face fast tokenizer; ``vocab_size``: the width of its logits."""
         self.vocab_size = vocab_size
         self._tokenizer = tokenizer
         self._lltokenizer: llguidance.LLTokenizer | None = None
@@ -166,13 +167,20 @@ class GrammarCompiler:
 
     def _compile(self, constraint: OutputConstraint) -> llguidance.LLMatcher:
         if self._lltokenizer is None:
-            self._lltokenizer = llguidance.hf.from_tokenizer(self._tokenizer, n_vocab=self.vocab_size)
+            try:
+                self._lltokenizer = llguidance.hf.from_tokenizer(self._tokenizer, n_vocab=self.vocab_size)
+            except ValueError as exc:  # a slow (Python) tokenizer: llguidance reads the Rust tokenizer's pieces
+                raise InvalidRequest(f"structured output needs a fast tokenizer: {exc}",
+                                     param=constraint.param) from exc
         grammar = llguidance.LLMatcher.grammar_from_lark(self.lark(constraint))
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self._lltokenizer)
         if is_error:
             raise InvalidRequest(f"cannot constrain the output to this schema: {messages[0].splitlines()[0]}",
                                  param=constraint.param)
-        matcher = llguidance.LLMatcher(self._lltokenizer, grammar, log_level=0)
+        try:
+            matcher = llguidance.LLMatcher(self._lltokenizer, grammar, log_level=0)
+        except ValueError as exc:
+            raise InvalidRequest(f"cannot constrain the output to this schema: {exc}", param=constraint.param) from exc
         if matcher.is_error():
             raise InvalidRequest(f"cannot constrain the output to this schema: {matcher.get_error()}",
                                  param=constraint.param)

@@ -8,7 +8,8 @@
   the function's ``parameters``; the output parser then returns it as ``tool_calls``. Formats covered: ``qwen``
   (``<tool_call>\\n{"name", "arguments"}\\n</tool_call>``: qwen, qwen3 and Qwen-style Jinja templates),
   ``minimax1`` and ``llama3``; a template with another format (or none) is refused with a 400 naming both.
-  One call per answer (no parallel calls under forcing).
+  One call per answer (no parallel calls under forcing). The arguments hold the declared parameters only: objects
+  with ``properties`` get ``additionalProperties: false`` unless the schema says otherwise.
 * Reasoning templates: when the prompt leaves room for a thought (thinking on), the output may open with one
   thought block before the constrained part; with thinking off it starts constrained (see ``backends.structured``).
 """
@@ -115,13 +116,29 @@ def _call_schema(functions: Sequence[ToolDefinition], key: str) -> dict[str, Any
         {
             "type": "object",
             "properties": {"name": {"const": tool.function.name},
-                           key: tool.function.parameters or {"type": "object"}},
+                           key: _closed(tool.function.parameters or {"type": "object", "properties": {}})},
             "required": ["name", key],
             "additionalProperties": False,
         }
         for tool in functions
     ]
     return calls[0] if len(calls) == 1 else {"anyOf": calls}
+
+
+def _closed(schema: Any) -> Any:
+    """``schema`` with ``additionalProperties: false`` on every object that lists ``properties`` and does not say:
+    a forced call's arguments hold the function's parameters only (as OpenAI's strict function calling); left open,
+    the grammar would let a model invent keys until ``max_tokens``."""
+    if isinstance(schema, list):
+        return [_closed(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {key: _closed(value) if key in ("items", "anyOf", "oneOf", "allOf") else value
+              for key, value in schema.items()}
+    if isinstance(schema.get("properties"), dict):
+        closed["properties"] = {name: _closed(value) for name, value in schema["properties"].items()}
+        closed.setdefault("additionalProperties", False)
+    return closed
 
 
 def _dumps(schema: dict[str, Any]) -> str:
