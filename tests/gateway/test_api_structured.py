@@ -149,7 +149,8 @@ async def test_bad_response_format_is_400(api: tuple[httpx.AsyncClient, Scripted
 
 async def test_forced_tool_on_a_thinking_template(api: tuple[httpx.AsyncClient, ScriptedBackend]) -> None:
     client, backend = api
-    backend.answer = '<think>\n\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>'
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>'
+    backend.answer = "<think>\n\n</think>\n\n" + call
     named = {"type": "function", "function": {"name": "get_weather"}}
     response = await chat(client, model="thinker", tools=[WEATHER, TIME], tool_choice=named)
     assert response.status_code == 200, response.text
