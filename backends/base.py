@@ -17,6 +17,23 @@ FinishReason = Literal["stop", "length"]
 
 
 @dataclass(frozen=True)
+class OutputConstraint:
+    """What the output must be: ``prefix``, one JSON value valid against ``json_schema``, ``suffix``, then the end.
+
+    ``json_schema`` is JSON text (``{"type": "object"}`` for JSON mode); ``prefix``/``suffix`` are literal text (a
+    tool format's markers). ``thought`` holds a reasoning template's (open, close) words when the output may start
+    with a thought block before ``prefix``; the text inside it is not constrained. ``param`` names the request field
+    the constraint comes from, for errors. Hashable: backends cache compiled grammars by it.
+    """
+
+    json_schema: str
+    prefix: str = ""
+    suffix: str = ""
+    thought: tuple[str, str] | None = None
+    param: str = "response_format"
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens. ``temperature == 0`` means greedy; ``stop_token_ids`` end generation when sampled."""
 
@@ -40,6 +57,7 @@ class SamplingParams:
     # Fields whose value is the served model's default (generation_config.json, sampling_defaults), not the
     # request's: an upstream that cannot take one leaves it to its own defaults instead of refusing the request.
     defaulted: frozenset[str] = frozenset()
+    constraint: OutputConstraint | None = None  # structured output (response_format, forced tool calls)
 
 
 @dataclass(frozen=True)

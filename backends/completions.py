@@ -173,6 +173,16 @@ def penalty_extensions(request: GenerationRequest) -> dict[str, Any]:
     return body
 
 
+def refuse_constraint(request: GenerationRequest, engine: str) -> None:
+    """Structured output the upstream has no field for is refused, never dropped."""
+    constraint = request.sampling.constraint
+    if constraint is not None:
+        raise InvalidRequest(
+            f"the {engine} backend cannot constrain the output to a schema or a tool call ({constraint.param})",
+            param=constraint.param,
+        )
+
+
 class CompletionsBackend:
     """A ``Backend`` over an upstream's ``/v1/completions``. Call ``start()`` before use, ``aclose()`` after.
 
@@ -253,6 +263,7 @@ class CompletionsBackend:
     def build_payload(self, request: GenerationRequest) -> dict[str, Any]:
         """The JSON body for ``/v1/completions``. This one is plain OpenAI: text prompt, standard fields."""
         refuse_unsupported(request, self.engine, ("repetition_penalty", "min_p", "logprobs", "prompt_logprobs"))
+        refuse_constraint(request, self.engine)
         return {
             "model": self.model_for(request.adapter),
             "prompt": request.prompt_text,

@@ -51,6 +51,7 @@ class Sequence:
     queue: asyncio.Queue[Delta | GatewayError]
     stop_token_ids: frozenset[int]
     max_total_len: int
+    grammar: RowGrammar | None = None  # structured output: the tokens this row may choose (backends.structured)
     generated: int = 0
     next_token: int = -1
     cancelled: bool = False
@@ -387,7 +388,11 @@ class Engine:
                                       prompt_logprobs=prompt_lp))
                 finished.append(seq)
                 continue
-            if seq.generated >= seq.request.sampling.max_tokens or seq.position + 1 >= seq.max_total_len:
+            if seq.grammar is not None and seq.grammar.accept(token):  # the grammar is complete: nothing may follow
+                self._post(seq, Delta(token_ids=(token,), finish_reason="stop", completion_tokens=seq.generated,
+                                      logprobs=logprobs, prompt_logprobs=prompt_lp))
+                finished.append(seq)
+            elif seq.generated >= seq.request.sampling.max_tokens or seq.position + 1 >= seq.max_total_len:
                 self._post(seq, Delta(token_ids=(token,), finish_reason="length", completion_tokens=seq.generated,
                                       logprobs=logprobs, prompt_logprobs=prompt_lp))
                 finished.append(seq)

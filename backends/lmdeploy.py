@@ -14,6 +14,8 @@ Protocol facts (LMDeploy's ``/v1/completions``, ``lmdeploy/serve/openai``):
 * Sampling as-is: ``frequency_penalty``, ``presence_penalty``, ``repetition_penalty``, ``min_p`` are request
   fields there. It has no ``logit_bias``, and its ``logprobs`` name tokens by text (the prompt is text too), which
   the gateway cannot line up with its own tokens: both are refused with a 400.
+* Structured output: LMDeploy's ``response_format`` is a field of its ``/v1/chat/completions`` only (its
+  ``/v1/completions`` request has none), so ``response_format`` and forced ``tool_choice`` are refused with a 400.
 * Streaming: ``data: {json}\\n\\n`` chunks, with ``stream_options.include_usage`` a usage chunk with
   ``choices: []``, then ``data: [DONE]``. Errors: flat ``{"object": "error", "message", "type", "code": <int>,
   "param"}`` with the same status; an unknown model answers 404.
@@ -24,7 +26,13 @@ from __future__ import annotations
 from typing import Any
 
 from backends.base import Capabilities, GenerationRequest
-from backends.completions import CompletionsBackend, penalty_extensions, refuse_unsupported, sampling_fields
+from backends.completions import (
+    CompletionsBackend,
+    penalty_extensions,
+    refuse_constraint,
+    refuse_unsupported,
+    sampling_fields,
+)
 
 
 class LMDeployBackend(CompletionsBackend):
@@ -33,6 +41,7 @@ class LMDeployBackend(CompletionsBackend):
 
     def build_payload(self, request: GenerationRequest) -> dict[str, Any]:
         refuse_unsupported(request, self.engine, ("logit_bias", "logprobs", "prompt_logprobs"))
+        refuse_constraint(request, self.engine)
         return {
             "model": self.model_for(request.adapter),
             "prompt": request.prompt_text,

@@ -12,6 +12,8 @@ Protocol facts (Ollama's API docs, docs/api.md and docs/api/errors.mdx):
   Penalties: ``repeat_penalty`` (HF semantics, our ``repetition_penalty``), ``presence_penalty``,
   ``frequency_penalty``, ``min_p`` in ``options``. It has no logit bias and no logprobs on ``/api/generate``:
   refused with a 400.
+* Structured output: ``format`` is ``"json"`` (any JSON) or a JSON schema. Forced tool calls are refused (a tool
+  format's markers around the JSON are not a schema).
 * An adapter is its own Ollama model: ``POST /api/create {"model", "from": <base>, "adapters": {file: digest}}``
   after uploading each file with ``POST /api/blobs/sha256:<digest>`` (``HEAD`` answers 200 when it is there).
   ``DELETE /api/delete {"model"}`` removes it. ``GET /api/tags`` lists models (we use it for health too).
@@ -176,6 +178,11 @@ class OllamaBackend:
         }
         if self.keep_alive is not None:
             body["keep_alive"] = self.keep_alive
+        if s.constraint is not None:
+            if s.constraint.prefix or s.constraint.suffix:
+                raise InvalidRequest("the Ollama backend cannot force tool calls", param=s.constraint.param)
+            schema = json.loads(s.constraint.json_schema)
+            body["format"] = "json" if schema == {"type": "object"} else schema
         return body
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:

@@ -1,8 +1,9 @@
 """Any OpenAI-compatible server with ``/v1/completions`` (``--backend openai``): llama.cpp's server, SGLang, TGI...
 
 Only standard OpenAI fields are sent (``frequency_penalty``, ``presence_penalty`` and ``logit_bias`` are; vLLM's
-``repetition_penalty`` / ``min_p`` and ``ignore_eos`` are not: such a request is refused with a 400, and so is
-``logprobs``, since such servers report tokens as text the gateway cannot line up with its own detokenization).
+``repetition_penalty`` / ``min_p``, ``top_k`` and ``ignore_eos`` are not: such a request is refused with a 400, and so
+is ``logprobs``, since such servers report tokens as text the gateway cannot line up with its own detokenization,
+and structured output: OpenAI's ``/v1/completions`` has no ``response_format``).
 The prompt is the rendered text unless ``token_prompt=True`` (the OpenAI spec allows a list of token ids as ``prompt``;
 servers that honour it then see exactly the gateway's ids).
 Adapters must already be served under some model name: map them with ``served_adapters``.
@@ -14,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from backends.base import Capabilities, GenerationRequest
-from backends.completions import CompletionsBackend, refuse_unsupported, sampling_fields
+from backends.completions import CompletionsBackend, refuse_constraint, refuse_unsupported, sampling_fields
 from backends.upstream_pool import UpstreamPool
 from gateway.errors import InvalidRequest
 
@@ -41,7 +42,9 @@ class OpenAICompatBackend(CompletionsBackend):
     def build_payload(self, request: GenerationRequest) -> dict[str, Any]:
         if request.sampling.ignore_eos:
             raise InvalidRequest("this OpenAI-compatible upstream cannot ignore end-of-sequence", param="ignore_eos")
-        refuse_unsupported(request, self.engine, ("top_k", "repetition_penalty", "min_p", "logprobs", "prompt_logprobs"))
+        refuse_unsupported(request, self.engine,
+                           ("top_k", "repetition_penalty", "min_p", "logprobs", "prompt_logprobs"))
+        refuse_constraint(request, "openai")  # OpenAI's /v1/completions has no response_format
         prompt: Any = list(request.prompt_token_ids) if self.token_prompt else request.prompt_text
         return {
             "model": self.model_for(request.adapter),

@@ -14,6 +14,7 @@ import torch
 from backends.base import Capabilities, Delta, GenerationRequest, Health
 from backends.engine import BASE_ADAPTER, Engine, Sequence
 from backends.lora import read_adapter
+from backends.structured import GrammarCompiler, RowGrammar
 from gateway.errors import BackendUnavailable, Conflict, GatewayError, InvalidRequest
 from gateway.request_context import current_request
 
@@ -57,7 +58,7 @@ class TorchBackend:
     """
 
     def __init__(self, model: Any, *, device: torch.device, eos_token_ids: frozenset[int], pad_token_id: int,
-                 max_model_len: int, max_batch_size: int, max_queue: int) -> None:
+                 max_model_len: int, max_batch_size: int, max_queue: int, tokenizer: Any = None) -> None:
         self.device = device
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
@@ -65,13 +66,17 @@ class TorchBackend:
         embeddings = model.get_output_embeddings()
         self.vocab_size = int(embeddings.weight.shape[0]) if embeddings is not None else int(model.config.vocab_size)
         self.adapter_paths: dict[str, str] = {}
+        # Structured output needs the tokenizer's pieces; without one, constrained requests are refused.
+        vocab = int(model.config.vocab_size)
+        self._grammars = GrammarCompiler(tokenizer, vocab) if tokenizer is not None else None
         self._engine = Engine(model, device=device, pad_token_id=pad_token_id, max_batch_size=max_batch_size,
                               max_queue=max_queue)
 
     @classmethod
     async def load(cls, model_dir: str | Path, *, device: str = "auto", dtype: str = "auto",
                    max_model_len: int | None = None, max_batch_size: int = 8, max_queue: int = 256,
-                   pad_token_id: int | None = None) -> TorchBackend:
+                   pad_token_id: int | None = None, tokenizer: Any = None) -> TorchBackend:
+        """``tokenizer`` (the Hugging Face tokenizer prompts are encoded with) enables structured output."""
         torch_device = pick_device(device)
         torch_dtype = pick_dtype(dtype, torch_device)
 
@@ -91,7 +96,7 @@ class TorchBackend:
         pad = pad_token_id if pad_token_id is not None else (getattr(config, "pad_token_id", None) or 0)
         log.info("loaded %s on %s as %s (context %d)", model_dir, torch_device, torch_dtype, context)
         return cls(model, device=torch_device, eos_token_ids=frozenset(eos), pad_token_id=pad,
-                   max_model_len=context, max_batch_size=max_batch_size, max_queue=max_queue)
+                   max_model_len=context, max_batch_size=max_batch_size, max_queue=max_queue, tokenizer=tokenizer)
 
     # --- generation ---------------------------------------------------------------------------------------------
 
@@ -104,12 +109,15 @@ class TorchBackend:
                                      param="logit_bias")
         queue: asyncio.Queue[Delta | GatewayError] = asyncio.Queue()
         eos = frozenset() if request.sampling.ignore_eos else self.eos_token_ids
+        stop_ids = eos | frozenset(request.sampling.stop_token_ids)
+        grammar = await self._row_grammar(request, stop_ids)
         sequence = Sequence(
             request=request,
             loop=asyncio.get_running_loop(),
             queue=queue,
-            stop_token_ids=eos | frozenset(request.sampling.stop_token_ids),
+            stop_token_ids=stop_ids,
             max_total_len=self.max_model_len,
+            grammar=grammar,
         )
         self._engine.submit(sequence)
         observer = current_request()
@@ -133,6 +141,14 @@ class TorchBackend:
         running.pop(BASE_ADAPTER, None)
         waiting.pop(BASE_ADAPTER, None)
         return running, waiting
+    async def _row_grammar(self, request: GenerationRequest, stop_ids: frozenset[int]) -> RowGrammar | None:
+        constraint = request.sampling.constraint
+        if constraint is None:
+            return None
+        if self._grammars is None:
+            raise InvalidRequest("this torch backend was started without a tokenizer: structured output is off",
+                                 param=constraint.param)
+        return await anyio.to_thread.run_sync(self._grammars.row_grammar, constraint, stop_ids)
 
     # --- adapters -----------------------------------------------------------------------------------------------
 

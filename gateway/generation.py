@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from backends.base import GenerationRequest, SamplingParams
+from backends.base import GenerationRequest, OutputConstraint, SamplingParams
 from gateway.adapters import Lease
 from gateway.errors import InvalidRequest
 from gateway.protocol.common import SamplingFields
@@ -43,8 +43,14 @@ def note_unknown_fields(state: GatewayState, body: SamplingFields) -> None:
             log.info("ignoring unknown request field %r (logged once)", name)
 
 
+CAPPED_HEADER = "x-gateway-max-tokens-capped"
+
+
 def completion_budget(state: GatewayState, prompt_tokens: int, requested: int | None) -> int:
-    """Tokens the completion may use: what was asked for, capped by what the context has left."""
+    """Tokens the completion may use: what was asked for, capped by what the context has left.
+
+    A cap is logged (info, once per request) and reported to the client by ``capped_headers``.
+    """
     room = state.max_model_len - prompt_tokens
     if room <= 0:
         raise InvalidRequest(
@@ -53,7 +59,16 @@ def completion_budget(state: GatewayState, prompt_tokens: int, requested: int | 
             param="messages",
             code="context_length_exceeded",
         )
-    return room if requested is None else min(requested, room)
+    if requested is not None and requested > room:
+        log.info("max_tokens %d capped to %d: the prompt's %d tokens leave that much of the %d-token context",
+                 requested, room, prompt_tokens, state.max_model_len)
+        return room
+    return room if requested is None else requested
+
+
+def capped_headers(requested: int | None, budget: int) -> dict[str, str]:
+    """``x-gateway-max-tokens-capped: N`` when the request asked for more than the ``budget`` it got."""
+    return {CAPPED_HEADER: str(budget)} if requested is not None and requested > budget else {}
 
 
 @dataclass(frozen=True)
@@ -83,8 +98,8 @@ def logit_bias(state: GatewayState, body: SamplingFields) -> tuple[tuple[int, fl
 
 def sampling_params(body: SamplingFields, max_tokens: int, stop: Sequence[str], stop_token_ids: Sequence[int],
                     choice: int, defaults: Mapping[str, float | int] = OPENAI_DEFAULTS,
-                    bias: tuple[tuple[int, float], ...] = (), logprobs: LogprobRequest = LogprobRequest()
-                    ) -> SamplingParams:
+                    bias: tuple[tuple[int, float], ...] = (), logprobs: LogprobRequest = LogprobRequest(),
+                    constraint: OutputConstraint | None = None) -> SamplingParams:
     """The engine's parameters for one choice; a field the request leaves out takes the model's ``defaults``
     (``gateway.sampling_defaults``: request field name → value)."""
     # Choice i samples with seed + i, wrapped into the signed 64-bit range every engine takes.
@@ -109,6 +124,7 @@ def sampling_params(body: SamplingFields, max_tokens: int, stop: Sequence[str], 
         logprobs=logprobs.logprobs,
         prompt_logprobs=logprobs.prompt,
         defaulted=defaulted,
+        constraint=constraint,
     )
 
 
@@ -124,8 +140,10 @@ def stop_token_ids(state: GatewayState, stops: Sequence[str]) -> list[int]:
 
 
 def choice_streams(state: GatewayState, target: Target, prompt: PreparedPrompt, body: SamplingFields, n: int,
-                   max_tokens: int, logprobs: LogprobRequest = LogprobRequest()) -> list[AsyncIterator[TextPiece]]:
-    """One text stream per choice; each runs as its own sequence in the backend."""
+                   max_tokens: int, logprobs: LogprobRequest = LogprobRequest(),
+                   constraint: OutputConstraint | None = None) -> list[AsyncIterator[TextPiece]]:
+    """One text stream per choice; each runs as its own sequence in the backend (``constraint``: structured
+    output, see ``gateway.structured``)."""
     if n > state.settings.max_queue:  # the choices could never all wait for a batch slot: a 429 would be forever
         raise InvalidRequest(f"n is {n}, more choices than this server can queue (--max-queue "
                              f"{state.settings.max_queue})", param="n")
@@ -143,7 +161,7 @@ def choice_streams(state: GatewayState, target: Target, prompt: PreparedPrompt, 
             prompt_token_ids=prompt.token_ids,
             prompt_text=prompt.text,
             adapter=target.adapter,
-            sampling=sampling_params(body, max_tokens, prompt.stop, ids, choice, defaults, bias, logprobs),
+            sampling=sampling_params(body, max_tokens, prompt.stop, ids, choice, defaults, bias, logprobs, constraint),
         )
         streams.append(stream_text(state.backend.generate(request), state.tokenizer, prompt.stop, observer))
     return streams

@@ -86,6 +86,7 @@ async def create_backend(settings: Settings, model_dir: Path, tokenizer: Any) ->
             max_batch_size=settings.max_batch_size,
             max_queue=settings.max_queue,
             pad_token_id=tokenizer.pad_token_id,
+            tokenizer=tokenizer.hf,
         )
     from backends.upstream_pool import Timeouts
     from backends.upstreams import start_upstream_backend

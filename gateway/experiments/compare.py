@@ -24,9 +24,9 @@ from gateway.experiments.hooks import observe, resolve_route
 from gateway.experiments.recording import Observation
 from gateway.experiments.routing import VARIANT_HEADER, Resolution
 from gateway.generation import PreparedPrompt, choice_streams, completion_budget, merge_streams, new_id
+from gateway.logprobs import TokenNames
 from gateway.protocol.chat import ChatCompletionRequest
 from gateway.protocol.experiments import CompareEvent, CompareMetrics, CompareRequest, CompareResponse, CompareResult
-from gateway.logprobs import TokenNames
 from gateway.routes.chat import complete, logprob_request, output_parser, prepare_chat, stream_chunks
 from gateway.state import GatewayState
 from gateway.streaming import TextPiece

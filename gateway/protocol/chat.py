@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.protocol.common import OpenAIModel, SamplingFields, Usage
 
@@ -45,6 +45,42 @@ class ToolDefinition(OpenAIModel):
     function: FunctionDefinition
 
 
+class ResponseFormatText(OpenAIModel):
+    type: Literal["text"]
+
+
+class ResponseFormatJSONObject(OpenAIModel):
+    type: Literal["json_object"]
+
+
+class JSONSchema(OpenAIModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: str = Field(max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormatJSONSchema(OpenAIModel):
+    type: Literal["json_schema"]
+    json_schema: JSONSchema
+
+
+ResponseFormat = Annotated[
+    ResponseFormatText | ResponseFormatJSONObject | ResponseFormatJSONSchema, Field(discriminator="type")
+]
+
+
+class NamedFunction(OpenAIModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     model: str
@@ -52,8 +88,8 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1, le=16)
-    response_format: dict[str, Any] | None = None
-    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     tools: list[ToolDefinition] | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
 

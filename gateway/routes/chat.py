@@ -18,6 +18,7 @@ from gateway.experiments.hooks import observe, resolve_route
 from gateway.generation import (
     LogprobRequest,
     PreparedPrompt,
+    capped_headers,
     choice_streams,
     completion_budget,
     merge_streams,
@@ -47,6 +48,7 @@ from gateway.routes.deps import admit_generation, gateway_state, require_api_key
 from gateway.sse import sse_response
 from gateway.state import GatewayState
 from gateway.streaming import PlacedLogprob, TextPiece
+from gateway.structured import output_constraint
 from gateway.templates import OutputParser, ParsedDelta, encode_segments
 from gateway.tokenization import prepare_off_loop
 from gateway.tool_policy import TOOLS_IGNORED_HEADER
@@ -194,14 +196,16 @@ async def create_chat_completion(
         target = lease.target
         chat = await prepare_off_loop(request, prepare_chat, state, target, body)
         prompt = chat.prompt
+        parsers = [output_parser(target, body, chat.tools_offered) for _ in range(body.n)]
+        constraint = output_constraint(target, body, prompt.text, parsers[0])
         max_tokens = completion_budget(state, len(prompt.token_ids), body.completion_budget())
         completion_id = new_id("chatcmpl")
         observation = observe(state, completion_id, "chat", resolution, body, prompt)
-        streams = observation.watch(choice_streams(state, target, prompt, body, body.n, max_tokens, logprobs))
-        parsers = [output_parser(target, body, chat.tools_offered) for _ in range(body.n)]
+        streams = observation.watch(choice_streams(state, target, prompt, body, body.n, max_tokens, logprobs,
+                                                   constraint))
         model = resolution.public_model
         _log_policies(target, chat)
-        headers = {**chat.headers(), **resolution.headers()}
+        headers = {**chat.headers(), **resolution.headers(), **capped_headers(body.completion_budget(), max_tokens)}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             chunks = stream_chunks(completion_id, model, len(prompt.token_ids), streams, parsers, include_usage,

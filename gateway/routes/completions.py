@@ -19,6 +19,7 @@ from gateway.experiments.hooks import observe, resolve_route
 from gateway.generation import (
     LogprobRequest,
     PreparedPrompt,
+    capped_headers,
     choice_streams,
     completion_budget,
     merge_streams,
@@ -86,22 +87,25 @@ async def create_completion(body: CompletionRequest, request: Request, response:
     async with state.adapters.leased(resolution.model) as lease:
         prompts = await prepare_off_loop(request, prepare_prompts, state, body)
         streams: list[AsyncIterator[TextPiece]] = []
+        capped: dict[str, str] = {}
         for prompt in prompts:
             max_tokens = completion_budget(state, len(prompt.token_ids), body.max_tokens)
+            capped = capped_headers(body.max_tokens, max_tokens) or capped
             streams += choice_streams(state, lease.target, prompt, body, body.n, max_tokens, want)
         completion_id = new_id("cmpl")
         whole = prompts[0] if len(prompts) == 1 else PreparedPrompt(  # what the feedback store records
             text="".join(p.text for p in prompts), token_ids=tuple(t for p in prompts for t in p.token_ids), stop=())
         streams = observe(state, completion_id, "completion", resolution, body, whole).watch(streams)
+        headers = {**resolution.headers(), **capped}
         echoes = [p for p in prompts for _ in range(body.n)] if body.echo else None
         answer = _Answer(completion_id, resolution.public_model, sum(len(p.token_ids) for p in prompts), echoes,
                          names)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             streaming = sse_response(await start_stream(lease, answer.stream(streams, include_usage)))
-            streaming.headers.update(resolution.headers())
+            streaming.headers.update(headers)
             return streaming
-        response.headers.update(resolution.headers())
+        response.headers.update(headers)
         return await while_connected(request, answer.complete(streams))
 
 
