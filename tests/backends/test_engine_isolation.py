@@ -18,8 +18,8 @@ from backends.torch_native import TorchBackend
 from gateway.errors import GatewayError
 from tests.backends.test_engine import PROMPTS, VOCAB, _backend, _collect, _request, model_dirs  # noqa: F401
 
-NEIGHBOURS = [_request([30, 31, 32], "a", temperature=1.0, seed=7, top_p=0.9),  # sampled: its generator is
-              *(_request(p, a) for p, a in PROMPTS)]                              # rewound after a failed choice
+NEIGHBOURS = [_request([30, 31, 32], "a", temperature=1.0, seed=7, top_p=0.9),  # sampled: a retried step draws
+              *(_request(p, a) for p, a in PROMPTS)]                              # the same tokens for it
 
 
 async def _outcome(backend: TorchBackend, request: GenerationRequest) -> list[int] | GatewayError:
@@ -59,12 +59,32 @@ async def _alone(backend: TorchBackend) -> list[list[int]]:
     return [await _collect(backend, request) for request in NEIGHBOURS]
 
 
+class _BrokenGrammar:
+    """A structured-output row whose token mask cannot be computed (a grammar library failing on one row)."""
+
+    stop_ids = torch.tensor([], dtype=torch.long)
+
+    def fill(self, bitmask: torch.Tensor, index: int) -> None:
+        raise RuntimeError("grammar state corrupted")
+
+    def stop_allowed(self) -> bool:
+        return True
+
+    def accept(self, token: int) -> bool:
+        return False
+
+
 async def test_a_row_whose_token_choice_fails_fails_alone(model_dirs: dict[str, Path]) -> None:  # noqa: F811
     backend = await _backend(model_dirs)
+    bad = _request([40, 41, 42], "b")
+    real_grammar = backend._row_grammar
+
+    async def row_grammar(request: GenerationRequest, stop_ids: frozenset[int]) -> Any:
+        return _BrokenGrammar() if request is bad else await real_grammar(request, stop_ids)
+
+    backend._row_grammar = row_grammar  # type: ignore[method-assign]  # the fault: one row's choice raises
     try:
         alone = await _alone(backend)
-        # NaN (or 1e-39) as temperature: logits / T is NaN or inf, and sampling raises for that row.
-        bad = _request([40, 41, 42], "b", temperature=float("nan"))
         results = await _in_one_batch(backend, [*NEIGHBOURS[:3], bad, *NEIGHBOURS[3:]])
         after = await _collect(backend, NEIGHBOURS[1])
     finally:
