@@ -156,6 +156,10 @@ class SamplingBatch:
         if self.counts is not None:
             x = (x - self.values[:, _FREQUENCY : _FREQUENCY + 1] * self.counts
                  - self.values[:, _PRESENCE : _PRESENCE + 1] * (self.counts > 0).float())
+        if self.bias is not None or self.seen is not None or self.counts is not None:
+            # An extreme penalty (repetition_penalty 1e-300 divides a logit into inf) must not turn the row's
+            # distribution into NaN: +inf becomes the largest float, NaN a banned token.
+            x = torch.nan_to_num(x, nan=float("-inf"), posinf=torch.finfo(x.dtype).max)
         return x
 
     def choose(self, logits: torch.Tensor, masks: torch.Tensor | None = None) -> Choice:
@@ -293,7 +297,7 @@ def prompt_logprobs(logits: torch.Tensor, prompt: Sequence[int], top: int) -> tu
 
 
 def _floor(value: float) -> float:
-    return max(value, _LOGPROB_FLOOR)
+    return value if value > _LOGPROB_FLOOR else _LOGPROB_FLOOR  # also for NaN (a row with no finite logit)
 
 
 def _cat_optional(a: torch.Tensor | None, b: torch.Tensor | None, rows_a: int, rows_b: int) -> torch.Tensor | None:

@@ -314,7 +314,7 @@ def eval_command(
         sampling=Sampling(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, seed=seed),
         dataset_dir=dataset_dir, formatting=formatting, max_samples=max_samples, concurrency=concurrency,
         settings=server.settings() if server_url is None else None, server=server_url,
-        api_key=server.values["api_key"], timeout=timeout, progress=progress,
+        api_key=next(iter(server.values["api_key"]), None), timeout=timeout, progress=progress,
     )
     try:
         outcome = asyncio.run(run_job(job))

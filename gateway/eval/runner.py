@@ -61,7 +61,9 @@ async def in_process_client(settings: Settings, timeout: float) -> AsyncIterator
     from gateway.app import create_app
 
     app = create_app(settings)
-    headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
+    key = settings.api_key or next(iter(settings.api_keys), None)
+    key = key.partition(":")[2] if key and ":" in key else key  # a NAME:KEY entry sends its KEY
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway",
                                      headers=headers, timeout=timeout) as client:

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.readiness import readiness
@@ -44,7 +44,7 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
-@router.get("/metrics", dependencies=[Depends(require_metrics_access)])
+@router.get("/metrics", dependencies=[Depends(require_metrics_access)], response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
     collectors: Metrics = request.app.state.metrics
     return Response(collectors.render(), media_type=CONTENT_TYPE)

@@ -37,7 +37,8 @@ async def make(url: str, **kwargs) -> OpenAICompatBackend:  # type: ignore[no-un
 async def test_standard_fields_only_and_text_prompt(upstream, recorder) -> None:
     b = await make(upstream.url)
     assert b.base_model == "base-7b"
-    request = gen_request(top_k=20, stop=("\n",), stop_token_ids=(7,), seed=5)
+    # top_k is no OpenAI field: a model default (generation_config.json) is left to the upstream's own defaults
+    request = gen_request(top_k=20, defaulted=frozenset({"top_k"}), stop=("\n",), stop_token_ids=(7,), seed=5)
     deltas = await collect(b.generate(request))
     assert text_of(deltas) == ANSWERS["base-7b"]
     (sent,) = recorder.bodies("/v1/completions")
@@ -53,6 +54,15 @@ async def test_standard_fields_only_and_text_prompt(upstream, recorder) -> None:
         "stream_options": {"include_usage": True},
     }
     assert deltas[-1].prompt_tokens == 5 and deltas[-1].completion_tokens == 3
+    await b.aclose()
+
+
+async def test_a_top_k_the_request_sets_is_refused(upstream, recorder) -> None:
+    b = await make(upstream.url)
+    with pytest.raises(InvalidRequest) as refused:
+        await collect(b.generate(gen_request(top_k=20)))
+    assert refused.value.param == "top_k" and "openai backend" in refused.value.message
+    assert recorder.bodies("/v1/completions") == []
     await b.aclose()
 
 

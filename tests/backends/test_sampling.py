@@ -3,6 +3,8 @@ formula, draws against the distribution they come from, and rows independent of 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
@@ -140,3 +142,15 @@ def test_rows_leave_and_join_with_their_state() -> None:
     adjusted = kept.adjusted(torch.ones((2, VOCAB)))
     assert adjusted[0, 3] == 0.0 and adjusted[0, 8] == 1.0  # frequency count of token 3 kept
     assert adjusted[1, 8] == 0.5 and adjusted[1, 3] == 1.0  # repetition over its own prompt only
+
+
+def test_an_extreme_penalty_never_gives_nan() -> None:
+    """repetition_penalty 5e-324 divides a positive logit into inf (schemathesis found the NaN logprob it made)."""
+    logits = torch.tensor([[3.0, 2.0, -1.0, 0.5, -4.0, 1.0]])
+    for temperature in (0.0, 1.0):
+        params = SamplingParams(max_tokens=4, temperature=temperature, top_p=5e-324, repetition_penalty=5e-324,
+                                logprobs=3, seed=1)
+        choice = SamplingBatch.of([params], [[0, 1]], 6, torch.device("cpu")).choose(logits.clone())
+        (entry,) = choice.logprobs
+        assert entry is not None and math.isfinite(entry.logprob)
+        assert all(math.isfinite(value) for _, value in entry.top)

@@ -31,7 +31,8 @@ def server(demo_models: DemoModels, demo_cache_home: Path) -> Iterator[str]:
 
     pku = demo_models.adapters["pku-assistant"]
     args = ["--demo", "--api-key", "sekret", "--max-queue", "4", "--max-body-bytes", str(BODY_LIMIT),
-            "--adapter", f"react-tools={pku}", "--adapter-template", "react-tools=default"]  # the ReAct tool format
+            "--adapter", f"react-tools={pku}", "--adapter-template", "react-tools=default",  # the ReAct tool format
+            "--adapter-tool-policy", "react-tools=render"]  # its prompt shows a request's tools
     with running_gateway(args, env={"XDG_CACHE_HOME": str(demo_cache_home)}) as url:
         yield url
 

@@ -16,10 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.demo import DemoModels
 from gateway.metrics import TOKEN_LATENCY_BUCKETS, TTFT_BUCKETS
-from gateway.protocol.chat import ChatCompletionRequest
-from gateway.request_context import current_request
-from gateway.routes.chat import create_chat_completion
-from gateway.settings import AdapterConfig, Settings
+from gateway.settings import AdapterConfig, RouteConfig, Settings
 from tests.gateway.scripted import ScriptedBackend, app_client
 
 WHO = [{"role": "user", "content": "你是谁？"}]
@@ -129,24 +126,15 @@ async def test_waiting_then_running_and_lora_requests_info(demo_models: DemoMode
         assert info == [{"max_lora": "3", "waiting_lora_adapters": "", "running_lora_adapters": ""}]
 
 
-async def test_a_route_labels_model_and_variant_through_the_context(demo_models: DemoModels,
-                                                                   backend: ScriptedBackend) -> None:
-    """What the A/B routes do: name the route and the variant on the request's context before the lease."""
-    async with app_client(settings_for(demo_models), backend) as client:
-        app = client.app  # type: ignore[attr-defined]
-
-        @app.post("/test/route")
-        async def routed(body: ChatCompletionRequest) -> Any:
-            ctx = current_request()
-            assert ctx is not None
-            ctx.model, ctx.variant = "helpful-route", "B"
-            return await create_chat_completion(body.model_copy(update={"model": "cat-assistant"}),
-                                                app.state.gateway)
-
-        response = await client.post("/test/route", json={"model": "helpful-route", "messages": WHO})
+async def test_a_route_labels_model_and_variant(demo_models: DemoModels, backend: ScriptedBackend) -> None:
+    """An A/B route names itself as ``model`` and its variant as ``variant`` (gateway.experiments.hooks)."""
+    route = RouteConfig(variants={"cat-assistant": 1}, sticky="none")
+    async with app_client(settings_for(demo_models, routes={"helpful-route": route}), backend) as client:
+        response = await client.post("/v1/chat/completions", json={"model": "helpful-route", "messages": WHO})
         assert response.status_code == 200, response.text
         text = (await client.get("/metrics")).text
-    assert value(text, "vllm:request_success_total", model="helpful-route", variant="B", adapter="cat-assistant") == 1
+    assert value(text, "vllm:request_success_total", model="helpful-route", variant="cat-assistant",
+                 adapter="cat-assistant") == 1
 
 
 WORKER = """
