@@ -14,7 +14,26 @@ from gateway.app import create_app
 from gateway.settings import Settings
 
 
-class ScriptedBackend:
+class FakeBackend:
+    """The API tests' test double (STYLE #4): a backend with nothing to load and nothing to close. Subclasses script
+    ``generate`` (and record what they were sent)."""
+
+    capabilities = Capabilities(runtime_adapters=True)
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        return None
+
+    async def unload_adapter(self, name: str) -> None:
+        return None
+
+    async def health(self) -> Health:
+        return Health(ok=True, detail="fake")
+
+    async def aclose(self) -> None:
+        return None
+
+
+class ScriptedBackend(FakeBackend):
     """Answers every request with ``tokens`` (cut at ``max_tokens``: finish ``length``, else ``stop``).
 
     ``hold``: when set, every generation waits for it before its first token; ``arrived`` counts requests that
@@ -49,11 +68,6 @@ class ScriptedBackend:
     async def unload_adapter(self, name: str) -> None:
         self.loaded.pop(name, None)
 
-    async def health(self) -> Health:
-        return Health(ok=True, detail="scripted")
-
-    async def aclose(self) -> None:
-        return None
 
 
 @asynccontextmanager

@@ -13,10 +13,11 @@ from typing import Any
 import httpx
 import pytest
 
-from backends.base import Capabilities, Delta, GenerationRequest, Health
+from backends.base import Capabilities, Delta, GenerationRequest
 from gateway.app import create_app
 from gateway.demo import DemoModels
 from gateway.settings import AdapterConfig, SamplingDefaultsConfig, Settings
+from tests.gateway.scripted import FakeBackend
 
 WEATHER = [{"type": "function", "function": {"name": "get_weather", "description": "查询城市的天气",
                                              "parameters": {"type": "object",
@@ -24,7 +25,7 @@ WEATHER = [{"type": "function", "function": {"name": "get_weather", "description
 HELLO = [{"role": "user", "content": "你好，你是谁？"}]
 
 
-class ScriptedBackend:
+class ScriptedBackend(FakeBackend):
     """Records every request; answers each with the scripted text's token ids."""
 
     capabilities = Capabilities(runtime_adapters=True)
@@ -38,18 +39,6 @@ class ScriptedBackend:
         for token_id in self.answer:
             yield Delta(token_ids=(token_id,))
         yield Delta(finish_reason="stop")
-
-    async def load_adapter(self, name: str, path: str) -> None:
-        return None
-
-    async def unload_adapter(self, name: str) -> None:
-        return None
-
-    async def health(self) -> Health:
-        return Health(ok=True)
-
-    async def aclose(self) -> None:
-        return None
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,13 @@ from typing import Any
 import httpx
 import pytest
 
-from backends.base import Capabilities, Delta, GenerationRequest, Health, TokenLogprob
+from backends.base import Capabilities, Delta, GenerationRequest, TokenLogprob
 from gateway.app import create_app
 from gateway.settings import Settings
+from tests.gateway.scripted import FakeBackend
 
 
-class RecordingBackend:
+class RecordingBackend(FakeBackend):
     """Answers every request with tokens 40, 41 (each with a logprob entry when asked), then stops."""
 
     capabilities = Capabilities(runtime_adapters=True)
@@ -32,18 +33,6 @@ class RecordingBackend:
             entry = () if s.logprobs is None else (TokenLogprob(token, -0.5, ((token, -0.5),) * s.logprobs),)
             yield Delta(token_ids=(token,), logprobs=entry, prompt_logprobs=prompt if i == 0 else None,
                         finish_reason="length" if i == 1 else None)
-
-    async def load_adapter(self, name: str, path: str) -> None:
-        return None
-
-    async def unload_adapter(self, name: str) -> None:
-        return None
-
-    async def health(self) -> Health:
-        return Health(ok=True)
-
-    async def aclose(self) -> None:
-        return None
 
 
 @pytest.fixture(scope="module")

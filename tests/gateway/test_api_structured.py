@@ -15,10 +15,11 @@ from typing import Any
 import httpx
 import pytest
 
-from backends.base import Capabilities, Delta, GenerationRequest, Health
+from backends.base import Capabilities, Delta, GenerationRequest
 from gateway.app import create_app
 from gateway.demo import DemoModels
 from gateway.settings import AdapterConfig, Settings
+from tests.gateway.scripted import FakeBackend
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
@@ -26,7 +27,7 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"typ
 ASK = [{"role": "user", "content": "北京天气怎么样？"}]
 
 
-class ScriptedBackend:
+class ScriptedBackend(FakeBackend):
     """Answers every request with ``answer`` as one text delta; remembers the requests."""
 
     capabilities = Capabilities(runtime_adapters=True, token_ids_in=True, token_ids_out=False, max_context=512)
@@ -39,18 +40,6 @@ class ScriptedBackend:
         self.requests.append(request)
         yield Delta(text=self.answer)
         yield Delta(text="", finish_reason="stop", completion_tokens=3)
-
-    async def load_adapter(self, name: str, path: str) -> None:
-        return None
-
-    async def unload_adapter(self, name: str) -> None:
-        return None
-
-    async def health(self) -> Health:
-        return Health(ok=True)
-
-    async def aclose(self) -> None:
-        return None
 
 
 @pytest.fixture(scope="module")

@@ -15,16 +15,17 @@ import httpx
 import openai
 import pytest
 
-from backends.base import Capabilities, Delta, GenerationRequest, Health
+from backends.base import Capabilities, Delta, GenerationRequest
 from gateway.app import create_app
 from gateway.demo import DemoModels
 from gateway.settings import Settings
+from tests.gateway.scripted import FakeBackend
 
 CHAT = {"model": "tiny-qwen", "messages": [{"role": "user", "content": "hi"}]}
 
 
 @dataclass
-class ExplodingBackend:
+class ExplodingBackend(FakeBackend):
     """Yields ``tokens_before`` of ``tokens``, then raises ``error`` (``None``: finishes normally)."""
 
     tokens: tuple[int, ...]
@@ -38,18 +39,6 @@ class ExplodingBackend:
         if self.error is not None:
             raise self.error
         yield Delta(token_ids=self.tokens[-1:], finish_reason="stop", completion_tokens=self.tokens_before + 1)
-
-    async def load_adapter(self, name: str, path: str) -> None:
-        return None
-
-    async def unload_adapter(self, name: str) -> None:
-        return None
-
-    async def health(self) -> Health:
-        return Health(ok=True)
-
-    async def aclose(self) -> None:
-        return None
 
 
 @pytest.fixture
