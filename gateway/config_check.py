@@ -6,41 +6,31 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gateway.adapter_files import BaseShapes, inspect_adapter
+from gateway.adapter_files import inspect_adapter
 from gateway.errors import AdapterLoadError
-from gateway.loading import _resolve, with_demo_models
+from gateway.loading import _resolve, prepare
 from gateway.settings import Settings, SettingsError
 
 
 async def check_config(settings: Settings) -> dict[str, Any]:
     """A summary of what ``settings`` would serve; raises ``SettingsError`` (a sentence) for what would fail."""
-    settings = await with_demo_models(settings)
-    assert settings.model is not None  # Settings.load guarantees a model or --demo
-    model_dir = Path(settings.model)
-    local = model_dir.is_dir()
-    if settings.backend == "torch" and not local:
-        raise SettingsError(f"--model {settings.model}: no such folder (the torch backend needs local weights)")
-    base_template = _resolve(None, None, settings, model_dir if local else None)
-    shapes = BaseShapes.read(model_dir if local else None)
-    base_name = settings.served_model_name or (model_dir.name if local else settings.model)
+    p = await prepare(settings)  # the checks start-up makes before the backend (tokenizer, templates, folders)
+    settings = p.settings
+    assert settings.model is not None  # prepare() has it (or the demo's)
+    base_template = _resolve(None, None, settings, p.model_dir if p.local else None)
     adapters = []
     for adapter in settings.adapters:
-        folder = Path(adapter.path)
-        if not folder.is_dir():
-            raise SettingsError(f"--adapter {adapter.name}={adapter.path}: no such folder")
         try:
-            info = inspect_adapter(folder.resolve(), shapes, base_names=(base_name, settings.model, model_dir.name),
+            info = inspect_adapter(Path(adapter.path).resolve(), p.shapes,
+                                   base_names=(p.base_name, settings.model, p.model_dir.name),
                                    allow_unsafe=settings.allow_unsafe_adapters)
         except AdapterLoadError as exc:
             raise SettingsError(f"--adapter {adapter.name}: {exc.message}") from exc
-        template = _resolve(adapter.template, folder, settings, model_dir if local else None)
+        template = p.templates[adapter.name]
         adapters.append({"name": adapter.name, "path": str(info.path), "rank": info.rank,
                          "template": template.template.name, "template_source": template.source})
-    for root in settings.adapter_roots:
-        if not Path(root).is_dir():
-            raise SettingsError(f"--adapter-root {root}: no such folder")
     return {
-        "model": base_name,
+        "model": p.base_name,
         "backend": settings.backend,
         "upstream": list(settings.upstream),
         "template": base_template.template.name,
