@@ -148,8 +148,9 @@ async def build_state(settings: Settings, backend: Backend | None = None) -> Gat
         await backend.aclose()
         raise
     for entry in pool.catalog():
-        log.info("serving adapter %s (%s, %s: %s)", entry.name, entry.state, entry.template.template.name,
-                 entry.template.source)
+        if entry.state != "refused":  # refusals were logged by the pool, one line each
+            log.info("serving adapter %s (%s, %s: %s)", entry.name, entry.state, entry.template.template.name,
+                     entry.template.source)
     max_len = backend.capabilities.max_context or settings.max_model_len or int(tokenizer.model_max_length)
     return GatewayState(settings=settings, registry=registry, backend=backend, tokenizer=tokenizer,
                         max_model_len=max_len, adapters=pool,

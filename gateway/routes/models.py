@@ -25,7 +25,13 @@ def describe(target: Target, state: GatewayState) -> Model:
         tool_policy=policy.tools.policy,
         tool_handling=policy.tools.summary,
         sampling_defaults=dict(policy.sampling.values),
+        **_refusal(target, state),
     )
+
+
+def _refusal(target: Target, state: GatewayState) -> dict[str, str]:
+    reason = None if target.adapter is None else state.adapters.refusal_reason(target.adapter)
+    return {} if reason is None else {"state": "refused", "reason": reason}
 
 
 @router.get("/v1/models")
