@@ -91,6 +91,9 @@ def server_settings(
         bool, typer.Option("--allow-unsafe-adapters", help=_help("allow_unsafe_adapters"))
     ] = False,
     admin_key: Annotated[Optional[str], typer.Option(help=_help("admin_key"))] = None,  # noqa: UP045
+    stop_on_model_eos: Annotated[
+        bool, typer.Option("--stop-on-model-eos", help=_help("stop_on_model_eos"))
+    ] = False,
     config: Annotated[Optional[Path], typer.Option(help="YAML file with settings (flags win).")] = None,  # noqa: UP045
 ) -> Settings:
     """The gateway's settings from the ``serve`` flags (the parameters here); a bad one is a usage error."""
@@ -126,6 +129,7 @@ def server_settings(
             pins=tuple(pin) or None,
             allow_unsafe_adapters=allow_unsafe_adapters or None,
             admin_key=admin_key,
+            stop_on_model_eos=stop_on_model_eos or None,
         )
     except SettingsError as exc:
         raise typer.BadParameter(str(exc)) from None

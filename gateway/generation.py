@@ -27,7 +27,9 @@ T = TypeVar("T")
 class PreparedPrompt:
     text: str
     token_ids: tuple[int, ...]
-    stop: tuple[str, ...]  # template stop words + the request's stop strings
+    stop: tuple[str, ...]  # the end tokens (below) + the request's stop strings
+    end: tuple[str, ...] = ()  # what ends a generation unasked (template eos and stop words, see stop_tokens);
+    # ``ignore_eos`` leaves these out and keeps only the request's own stops
 
 
 def new_id(prefix: str) -> str:
@@ -91,7 +93,8 @@ def choice_streams(state: GatewayState, target: Target, prompt: PreparedPrompt, 
     if n > state.settings.max_queue:  # the choices could never all wait for a batch slot: a 429 would be forever
         raise InvalidRequest(f"n is {n}, more choices than this server can queue (--max-queue "
                              f"{state.settings.max_queue})", param="n")
-    ids = stop_token_ids(state, prompt.stop)
+    stops = tuple(s for s in prompt.stop if s not in prompt.end) if body.ignore_eos else prompt.stop
+    ids = stop_token_ids(state, stops)
     defaults = state.policies.for_target(target).sampling.values
     streams = []
     for choice in range(n):
@@ -100,9 +103,9 @@ def choice_streams(state: GatewayState, target: Target, prompt: PreparedPrompt, 
             prompt_token_ids=prompt.token_ids,
             prompt_text=prompt.text,
             adapter=target.adapter,
-            sampling=sampling_params(body, max_tokens, prompt.stop, ids, choice, defaults),
+            sampling=sampling_params(body, max_tokens, stops, ids, choice, defaults),
         )
-        streams.append(stream_text(state.backend.generate(request), state.tokenizer, prompt.stop))
+        streams.append(stream_text(state.backend.generate(request), state.tokenizer, stops))
     return streams
 
 

@@ -16,6 +16,7 @@ from gateway.model_policy import ModelPolicies
 from gateway.registry import Registry
 from gateway.settings import AdapterConfig, Settings, SettingsError
 from gateway.state import GatewayState
+from gateway.stop_tokens import model_eos_tokens
 from gateway.templates import ResolvedTemplate, TemplateNotFound, TemplateResolutionError, resolve_template
 from gateway.tokenization import ServedTokenizer
 
@@ -80,6 +81,7 @@ async def create_backend(settings: Settings, model_dir: Path, tokenizer: Any) ->
             max_batch_size=settings.max_batch_size,
             max_queue=settings.max_queue,
             pad_token_id=tokenizer.pad_token_id,
+            stop_on_model_eos=False,  # the gateway sends what ends each request in its stop_token_ids
         )
     from backends.upstream_pool import Timeouts
     from backends.upstreams import start_upstream_backend
@@ -152,9 +154,10 @@ async def build_state(settings: Settings, backend: Backend | None = None) -> Gat
             log.info("serving adapter %s (%s, %s: %s)", entry.name, entry.state, entry.template.template.name,
                      entry.template.source)
     max_len = backend.capabilities.max_context or settings.max_model_len or int(tokenizer.model_max_length)
+    base_folder = _base_folder(settings, model_dir, local)
     return GatewayState(settings=settings, registry=registry, backend=backend, tokenizer=tokenizer,
-                        max_model_len=max_len, adapters=pool,
-                        policies=ModelPolicies(settings, _base_folder(settings, model_dir, local)))
+                        max_model_len=max_len, adapters=pool, policies=ModelPolicies(settings, base_folder),
+                        model_eos=model_eos_tokens(base_folder, tokenizer))
 
 
 def _base_folder(settings: Settings, model_dir: Path, local: bool) -> Path | None:

@@ -98,6 +98,9 @@ class Settings(BaseSettings):
         "defaults (sampling_defaults from the config still apply)."))
     sampling_defaults: SamplingDefaultsConfig | None = Field(
         None, description="Sampling defaults of the base (and its adapters), over generation_config.json.")
+    stop_on_model_eos: bool = Field(False, description=(
+        "Chats also stop on every eos id of the base's config.json / generation_config.json; by default they stop "
+        "where LLaMA-Factory stops: the template's eos and stop words only."))
     device: Device = Field("auto", description="Where the native backend runs: cuda, npu (torch-npu) or cpu.")
     dtype: DType = Field("auto", description="Weights dtype for the native backend (auto: bf16 on GPU, fp32 on CPU).")
     max_batch_size: int = Field(8, ge=1, description="Most sequences decoded together by the native engine.")

@@ -22,3 +22,4 @@ class GatewayState:
     adapters: AdapterPool
     policies: ModelPolicies
     unknown_fields_seen: set[str] = field(default_factory=set)
+    model_eos: tuple[str, ...] = ()  # the base's config eos tokens (gateway.stop_tokens)

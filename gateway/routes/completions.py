@@ -42,7 +42,9 @@ def prepare_text(state: GatewayState, body: CompletionRequest) -> PreparedPrompt
     token_ids = tuple(state.tokenizer.encode(prompt, add_special_tokens=True))
     if not token_ids:
         raise InvalidRequest("prompt must not be empty", param="prompt")
-    return PreparedPrompt(text=prompt, token_ids=token_ids, stop=tuple(body.stop_list()))
+    # A raw prompt has no template: the model's own eos ids end it (gateway.stop_tokens).
+    stops = tuple(dict.fromkeys([*state.model_eos, *body.stop_list()]))
+    return PreparedPrompt(text=prompt, token_ids=token_ids, stop=stops, end=state.model_eos)
 
 
 @router.post("/v1/completions", response_model=None)
