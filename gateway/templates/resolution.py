@@ -3,9 +3,11 @@
 1. an explicit template (config file or command line, per adapter or for the base);
 2. ``training_args.yaml`` / ``llamaboard_config.yaml`` in the adapter folder, where LLaMA-Factory records
    ``template:`` (for a ``checkpoint-N`` folder, in the run folder above it);
-3. the adapter folder's tokenizer chat template (``chat_template.jinja`` or ``tokenizer_config.json``);
+3. the adapter folder's tokenizer chat template (``chat_template.jinja`` or ``tokenizer_config.json``): when it is
+   the Jinja LLaMA-Factory generated from one of its templates (``gateway.templates.lf_jinja``), that template;
+   otherwise the Jinja itself;
 4. the base model's configured template;
-5. the base tokenizer's chat template.
+5. the base tokenizer's chat template (recognised the same way: a merged export carries LLaMA-Factory's Jinja).
 
     resolved = resolve_template(adapter_dir=Path("saves/qwen/lora/train_1"), base_dir=Path("models/Qwen2.5-7B"))
     resolved.template.render(messages), resolved.source  # "recorded by LLaMA-Factory in .../training_args.yaml"
@@ -21,6 +23,7 @@ import yaml
 
 from gateway.templates.chat_template import ChatTemplate, SlotTemplate
 from gateway.templates.jinja_template import JinjaTemplate, find_chat_template
+from gateway.templates.lf_jinja import recognise
 
 RUN_FILES = ("training_args.yaml", "llamaboard_config.yaml")
 RUN_KEYS = ("template", "top.template")  # training_args.yaml; LLaMA Board's saved form
@@ -67,11 +70,18 @@ def _slot_template(name: str, where: str) -> SlotTemplate:
         raise TemplateResolutionError(f"{where} names a template the gateway does not ship: {exc}") from None
 
 
-def _tokenizer_template(folder: Path) -> tuple[JinjaTemplate, Path] | None:
+def _tokenizer_template(folder: Path, whose: str) -> ResolvedTemplate | None:
     found = find_chat_template(folder)
     if found is None and _CHECKPOINT.fullmatch(folder.name):
         found = find_chat_template(folder.parent)
-    return (JinjaTemplate.from_tokenizer(found), found.path) if found is not None else None
+    if found is None:
+        return None
+    recognised = recognise(found.source, found.bos_token, found.eos_token)
+    if recognised is None:
+        return ResolvedTemplate(JinjaTemplate.from_tokenizer(found), f"{whose} in {found.path}")
+    ties = f" (the same Jinja as {', '.join(recognised.ties)})" if recognised.ties else ""
+    return ResolvedTemplate(SlotTemplate.named(recognised.name),
+                            f"LLaMA-Factory's Jinja for template {recognised.name}{ties}: {whose} in {found.path}")
 
 
 def resolve_template(
@@ -91,16 +101,16 @@ def resolve_template(
         if recorded is not None:
             name, path = recorded
             return ResolvedTemplate(_slot_template(name, str(path)), f"recorded by LLaMA-Factory in {path}")
-        jinja = _tokenizer_template(adapter_dir)
-        if jinja is not None:
-            return ResolvedTemplate(jinja[0], f"the adapter's tokenizer chat template in {jinja[1]}")
+        from_tokenizer = _tokenizer_template(adapter_dir, "the adapter's tokenizer chat template")
+        if from_tokenizer is not None:
+            return from_tokenizer
     if base_template:
         return ResolvedTemplate(_slot_template(base_template, "the base model's configuration"),
                                 "the base model's configured template")  # fmt: skip
     if base_dir is not None:
-        jinja = _tokenizer_template(base_dir)
-        if jinja is not None:
-            return ResolvedTemplate(jinja[0], f"the base tokenizer's chat template in {jinja[1]}")
+        from_tokenizer = _tokenizer_template(base_dir, "the base tokenizer's chat template")
+        if from_tokenizer is not None:
+            return from_tokenizer
     raise TemplateResolutionError(
         f"no chat template found for {adapter_dir or base_dir}: give one with --template NAME "
         "(LLaMA-Factory's template name, as in training)"
