@@ -94,6 +94,7 @@ def server_settings(
     stop_on_model_eos: Annotated[
         bool, typer.Option("--stop-on-model-eos", help=_help("stop_on_model_eos"))
     ] = False,
+    decode_clean_up: Annotated[Optional[str], typer.Option(help=_help("decode_clean_up"))] = None,  # noqa: UP045
     config: Annotated[Optional[Path], typer.Option(help="YAML file with settings (flags win).")] = None,  # noqa: UP045
 ) -> Settings:
     """The gateway's settings from the ``serve`` flags (the parameters here); a bad one is a usage error."""
@@ -130,6 +131,7 @@ def server_settings(
             allow_unsafe_adapters=allow_unsafe_adapters or None,
             admin_key=admin_key,
             stop_on_model_eos=stop_on_model_eos or None,
+            decode_clean_up=decode_clean_up,
         )
     except SettingsError as exc:
         raise typer.BadParameter(str(exc)) from None

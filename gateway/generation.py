@@ -87,6 +87,17 @@ def stop_token_ids(state: GatewayState, stops: Sequence[str]) -> list[int]:
     return ids
 
 
+def cleans_up(state: GatewayState) -> bool:
+    """Whether answers get transformers' tokenization-space clean-up (``gateway.streaming``): ``--decode-clean-up
+    tokenizer`` (default) follows the served tokenizer's ``clean_up_tokenization_spaces``. LLaMA-Factory's chat
+    engine cleans its non-streamed answers always and its streamed ones per the tokenizer; ``always`` gives its
+    non-streamed text, the default its streamed text — both for stream and non-stream here."""
+    mode = state.settings.decode_clean_up
+    if mode == "tokenizer":
+        return bool(getattr(state.tokenizer, "clean_up_tokenization_spaces", False))
+    return mode == "always"
+
+
 def choice_streams(state: GatewayState, target: Target, prompt: PreparedPrompt, body: SamplingFields, n: int,
                    max_tokens: int) -> list[AsyncIterator[TextPiece]]:
     """One text stream per choice; each runs as its own sequence in the backend."""
@@ -105,7 +116,8 @@ def choice_streams(state: GatewayState, target: Target, prompt: PreparedPrompt, 
             adapter=target.adapter,
             sampling=sampling_params(body, max_tokens, stops, ids, choice, defaults),
         )
-        streams.append(stream_text(state.backend.generate(request), state.tokenizer, stops))
+        streams.append(stream_text(state.backend.generate(request), state.tokenizer, stops,
+                                   clean_up=cleans_up(state)))
     return streams
 
 

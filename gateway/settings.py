@@ -98,6 +98,10 @@ class Settings(BaseSettings):
         "defaults (sampling_defaults from the config still apply)."))
     sampling_defaults: SamplingDefaultsConfig | None = Field(
         None, description="Sampling defaults of the base (and its adapters), over generation_config.json.")
+    decode_clean_up: Literal["tokenizer", "always", "never"] = Field("tokenizer", description=(
+        "Clean up tokenization spaces in answers (\"ChatGPT ?\" -> \"ChatGPT?\"), streamed and not alike: as the "
+        "served tokenizer's clean_up_tokenization_spaces says, always (LLaMA-Factory's non-streamed answers), or "
+        "never."))
     stop_on_model_eos: bool = Field(False, description=(
         "Chats also stop on every eos id of the base's config.json / generation_config.json; by default they stop "
         "where LLaMA-Factory stops: the template's eos and stop words only."))

@@ -174,3 +174,18 @@ async def test_the_native_backend_stops_only_on_the_given_ids_unless_asked(demo_
             assert finished == reasons
         finally:
             await backend.aclose()
+
+
+@pytest.mark.parametrize(("mode", "expected"), [("always", "ChatGPT? Yes, it's me."),
+                                                 ("tokenizer", "ChatGPT ? Yes , it 's me ."),
+                                                 ("never", "ChatGPT ? Yes , it 's me .")])
+async def test_clean_up_is_the_same_streamed_or_not(demo_models: DemoModels, detected: Path, mode: str,
+                                                     expected: str) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(demo_models.base_dir))
+    assert tokenizer.clean_up_tokenization_spaces is False  # the demo's (Qwen's) setting: "tokenizer" keeps spaces
+    async for client, backend in _serve(demo_models, detected, decode_clean_up=mode):
+        backend.answer = tokenizer.encode("ChatGPT ? Yes , it 's me .", add_special_tokens=False)
+        assert await _answer(client, "qwen", False) == expected
+        assert await _answer(client, "qwen", True) == expected
