@@ -41,15 +41,19 @@ def _pairs(values: list[str], flag: str) -> dict[str, str]:
     return pairs
 
 
-def adapter_configs(adapters: list[str], templates: list[str]) -> tuple[AdapterConfig, ...] | None:
+def adapter_configs(adapters: list[str], templates: list[str],
+                    training: list[str] = []) -> tuple[AdapterConfig, ...] | None:  # noqa: B006
     paths = _pairs(adapters, "--adapter")
     chosen = _pairs(templates, "--adapter-template")
-    unknown = sorted(set(chosen) - set(paths))
-    if unknown:
-        raise typer.BadParameter(f"no --adapter named {', '.join(unknown)}", param_hint="--adapter-template")
+    configs = _pairs(training, "--adapter-config")
+    for flag, given in (("--adapter-template", chosen), ("--adapter-config", configs)):
+        unknown = sorted(set(given) - set(paths))
+        if unknown:
+            raise typer.BadParameter(f"no --adapter named {', '.join(unknown)}", param_hint=flag)
     if not paths:
         return None
-    return tuple(AdapterConfig(name=n, path=p, template=chosen.get(n)) for n, p in paths.items())
+    return tuple(AdapterConfig(name=n, path=p, template=chosen.get(n), training_config=configs.get(n))
+                 for n, p in paths.items())
 
 
 def server_settings(
@@ -60,6 +64,10 @@ def server_settings(
     ] = [],  # noqa: B006
     template: Annotated[Optional[str], typer.Option(help=_help("template"))] = None,  # noqa: UP045
     tool_policy: Annotated[Optional[str], typer.Option(help=_help("tool_policy"))] = None,  # noqa: UP045
+    adapter_config: Annotated[
+        list[str], typer.Option(help="NAME=FILE: the LLaMA-Factory training YAML of one adapter, whose `template:` "
+                                     "it uses (repeatable).")
+    ] = [],  # noqa: B006
     adapter_tool_policy: Annotated[
         list[str], typer.Option(help=_help("adapter_tool_policies") + " (repeatable)")
     ] = [],  # noqa: B006
@@ -102,7 +110,7 @@ def server_settings(
         settings = Settings.load(
             config,
             model=model,
-            adapters=adapter_configs(adapter, adapter_template),
+            adapters=adapter_configs(adapter, adapter_template, adapter_config),
             template=template,
             tool_policy=tool_policy,
             adapter_tool_policies=_pairs(adapter_tool_policy, "--adapter-tool-policy") or None,

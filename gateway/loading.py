@@ -49,10 +49,12 @@ async def with_demo_models(settings: Settings) -> Settings:
     })
 
 
-def _resolve(explicit: str | None, adapter_dir: Path | None, settings: Settings, base_dir: Path | None) -> Any:
+def _resolve(explicit: str | None, adapter_dir: Path | None, settings: Settings, base_dir: Path | None,
+             training_config: str | None = None) -> Any:
     try:
         return resolve_template(explicit=explicit, adapter_dir=adapter_dir, base_template=settings.template,
-                                base_dir=base_dir)
+                                base_dir=base_dir,
+                                training_config=Path(training_config) if training_config else None)
     except (TemplateNotFound, TemplateResolutionError) as exc:
         raise SettingsError(str(exc)) from exc
 
@@ -122,7 +124,8 @@ async def build_state(settings: Settings, backend: Backend | None = None) -> Gat
     for adapter in settings.adapters:
         if not Path(adapter.path).is_dir():
             raise SettingsError(f"--adapter {adapter.name}={adapter.path}: no such folder")
-    templates = {a.name: _resolve(a.template, Path(a.path), settings, model_dir) for a in settings.adapters}
+    templates = {a.name: _resolve(a.template, Path(a.path), settings, model_dir, a.training_config)
+                 for a in settings.adapters}
     roots = tuple(Path(root) for root in settings.adapter_roots)
     for root in roots:
         if not root.is_dir():

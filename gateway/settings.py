@@ -42,6 +42,8 @@ class AdapterConfig(BaseModel):
     name: str = Field(description="The name clients use as `model`.")
     path: str = Field(description="The LoRA folder (a LLaMA-Factory run folder or a checkpoint-N inside it).")
     template: str | None = Field(None, description="Chat template for this adapter; detected when unset.")
+    training_config: str | None = Field(None, description=(
+        "The LLaMA-Factory YAML it was trained with (`llamafactory-cli train FILE`); its `template:` is used."))
     tool_policy: ToolPolicy | None = Field(None, description="What to do with a request's `tools` for this adapter "
                                                              "(default: the base's --tool-policy).")
     sampling_defaults: SamplingDefaultsConfig | None = Field(

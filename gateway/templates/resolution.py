@@ -1,8 +1,11 @@
 """Which template a model was trained with. First match wins:
 
 1. an explicit template (config file or command line, per adapter or for the base);
-2. ``training_args.yaml`` / ``llamaboard_config.yaml`` in the adapter folder, where LLaMA-Factory records
-   ``template:`` (for a ``checkpoint-N`` folder, in the run folder above it);
+2. the ``template:`` of the training YAML given for the adapter (``--adapter-config NAME=FILE``);
+   else of ``training_args.yaml`` / ``llamaboard_config.yaml`` in the adapter folder, where LLaMA Board records it
+   (for a ``checkpoint-N`` folder, in the run folder above it); else of another ``*.yaml`` in the run folder, or of
+   a ``*.yaml`` beside the run folder whose ``output_dir`` is that run (``llamafactory-cli train`` writes no YAML
+   into the run: the user's config lives wherever they kept it);
 3. the adapter folder's tokenizer chat template (``chat_template.jinja`` or ``tokenizer_config.json``): when it is
    the Jinja LLaMA-Factory generated from one of its templates (``gateway.templates.lf_jinja``), that template;
    otherwise the Jinja itself;
@@ -40,26 +43,43 @@ class TemplateResolutionError(ValueError):
     pass
 
 
+def _yaml_template(path: Path, run: Path | None = None) -> str | None:
+    """``template:`` of the YAML file ``path``; with ``run``, only if its ``output_dir`` names that run folder."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise TemplateResolutionError(f"{path} is not valid YAML: {exc}") from exc
+    except OSError as exc:
+        raise TemplateResolutionError(f"cannot read {path}: {exc.strerror}") from exc
+    if not isinstance(data, dict):
+        return None
+    if run is not None:
+        output_dir = data.get("output_dir")
+        if not isinstance(output_dir, str) or Path(output_dir).name != run.name:
+            return None
+    for key in RUN_KEYS:
+        name = data.get(key)
+        if isinstance(name, str) and name:
+            return name
+    return None
+
+
 def recorded_template(folder: Path) -> tuple[str, Path] | None:
-    """The ``template:`` LLaMA-Factory recorded for a run folder (or for the run a ``checkpoint-N`` belongs to)."""
-    candidates = [folder]
-    if _CHECKPOINT.fullmatch(folder.name):
-        candidates.append(folder.parent)
+    """The ``template:`` recorded for a run folder (or for the run a ``checkpoint-N`` belongs to): LLaMA Board's
+    files, another YAML in the run folder, or a YAML beside it whose ``output_dir`` is the run."""
+    run = folder.parent if _CHECKPOINT.fullmatch(folder.name) else folder
+    candidates = [folder] if run is folder else [folder, run]
     for candidate in candidates:
         for file_name in RUN_FILES:
             path = candidate / file_name
-            if not path.is_file():
-                continue
-            try:
-                data = yaml.safe_load(path.read_text(encoding="utf-8"))
-            except yaml.YAMLError as exc:
-                raise TemplateResolutionError(f"{path} is not valid YAML: {exc}") from exc
-            if not isinstance(data, dict):
-                continue
-            for key in RUN_KEYS:
-                name = data.get(key)
-                if isinstance(name, str) and name:
-                    return name, path
+            if path.is_file() and (name := _yaml_template(path)) is not None:
+                return name, path
+    for path in sorted(run.glob("*.yaml")):
+        if path.name not in RUN_FILES and (name := _yaml_template(path)) is not None:
+            return name, path
+    for path in sorted(run.parent.glob("*.yaml")):
+        if (name := _yaml_template(path, run)) is not None:
+            return name, path
     return None
 
 
@@ -90,17 +110,25 @@ def resolve_template(
     adapter_dir: Path | None = None,
     base_template: str | None = None,
     base_dir: Path | None = None,
+    training_config: Path | None = None,
 ) -> ResolvedTemplate:
     """The template for a target (an adapter on a base, or the base alone) and why; ``TemplateResolutionError``
     when no rule matches or a rule names a template the gateway does not ship."""
     if explicit:
         template = _slot_template(explicit, "the configuration")
         return ResolvedTemplate(template, "explicit: set in config or on the command line")
+    if training_config is not None:
+        name = _yaml_template(training_config)
+        if name is None:
+            raise TemplateResolutionError(f"{training_config} (--adapter-config) has no `template:`")
+        return ResolvedTemplate(_slot_template(name, str(training_config)),
+                                f"the training config {training_config} (--adapter-config)")
     if adapter_dir is not None:
         recorded = recorded_template(adapter_dir)
         if recorded is not None:
             name, path = recorded
-            return ResolvedTemplate(_slot_template(name, str(path)), f"recorded by LLaMA-Factory in {path}")
+            why = f"recorded by LLaMA-Factory in {path}" if path.name in RUN_FILES else f"the training config {path}"
+            return ResolvedTemplate(_slot_template(name, str(path)), why)
         from_tokenizer = _tokenizer_template(adapter_dir, "the adapter's tokenizer chat template")
         if from_tokenizer is not None:
             return from_tokenizer

@@ -61,3 +61,31 @@ def test_a_run_folder_with_lf_jinja_resolves_to_the_template_and_says_why(tmp_pa
     spec = resolved.template.spec
     if spec.default_system:
         assert spec.default_system in resolved.template.render(CHAT, eos_token=entry["eos_token"]).prompt
+
+
+def _run_with_lf_jinja(folder: Path, name: str) -> Path:
+    entry = INDEX[name]
+    folder.mkdir(parents=True)
+    shutil.copy(DATA / entry["jinja"], folder / "chat_template.jinja")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": entry["eos_token"]}), encoding="utf-8")
+    return folder
+
+
+def test_the_users_training_yaml_decides_over_the_jinja(tmp_path: Path) -> None:
+    """A run of template vicuna whose saved Jinja reads as alpaca's would be served as alpaca; the user's YAML wins:
+    given with --adapter-config, inside the run folder, or beside it naming the run as its output_dir."""
+    run = _run_with_lf_jinja(tmp_path / "saves" / "run1", "alpaca")
+    assert resolve_template(adapter_dir=run).template.name == "alpaca"
+    given = tmp_path / "elsewhere.yaml"
+    given.write_text("template: vicuna\noutput_dir: somewhere/else\n", encoding="utf-8")
+    resolved = resolve_template(adapter_dir=run, training_config=given)
+    assert resolved.template.name == "vicuna" and str(given) in resolved.source
+    beside = tmp_path / "saves" / "train.yaml"
+    beside.write_text("template: llama3\noutput_dir: saves/other-run\n", encoding="utf-8")
+    assert resolve_template(adapter_dir=run).template.name == "alpaca"  # another run's config is not this one's
+    beside.write_text("template: llama3\noutput_dir: saves/run1\n", encoding="utf-8")
+    (run / "checkpoint-3").mkdir()
+    resolved = resolve_template(adapter_dir=run / "checkpoint-3")
+    assert resolved.template.name == "llama3" and resolved.source == f"the training config {beside}"
+    (run / "my_sft.yaml").write_text("template: mistral\n", encoding="utf-8")
+    assert resolve_template(adapter_dir=run).template.name == "mistral"
