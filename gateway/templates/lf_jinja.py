@@ -1,4 +1,5 @@
-"""Recognising a ``chat_template.jinja`` that LLaMA-Factory generated from one of its own templates.
+"""Recognising a ``chat_template.jinja`` (or an export's Ollama ``Modelfile``) that LLaMA-Factory generated from one
+of its own templates.
 
 ``llamafactory-cli train`` saves its "fixed" tokenizer with the run; for templates that replace the model's Jinja
 (``replace_jinja_template``, or a base without one) that tokenizer's chat template is a Jinja translation LLaMA-Factory
@@ -11,11 +12,14 @@ Recognition does not keep a table of LLaMA-Factory's files: it writes the Jinja 
 ``Template._get_jinja_template`` (``Llama2Template`` folds the system into the first user turn), with the folder
 tokenizer's bos/eos — and compares. Several templates translate to the same Jinja (``chatml``, ``qwen3``, ``yi`` …);
 then the folder's eos narrows them (a ``replace_eos`` template's eos is its first stop word), and what is left is
-reported as a tie.
+reported as a tie. A ``Modelfile`` (``llamafactory-cli export``) is recognised the same way from its ``TEMPLATE``
+(``Template._get_ollama_template``), and its ``SYSTEM`` and ``PARAMETER stop`` lines must be the template's default
+system and stop tokens.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -99,9 +103,62 @@ def recognise(source: str, bos: str | None, eos: str | None) -> Recognised | Non
     names = _translations(bos, eos).get(source.strip())
     if not names:
         return None
+    return _ranked(names, eos)
+
+
+def _ranked(names: Sequence[str], eos: str | None) -> Recognised:
+    """The saved tokenizer is LLaMA-Factory's fixed one: a replace_eos template made its first stop word the eos
+    (confirmed); a template without replace_eos kept the base's (possible); one whose eos would differ is out."""
     specs = [load_spec(n) for n in names]
-    # The saved tokenizer is LLaMA-Factory's fixed one: a replace_eos template made its first stop word the eos.
     confirmed = [s.name for s in specs if s.replace_eos and s.stop_words and s.stop_words[0] == eos]
     possible = [s.name for s in specs if not (s.replace_eos and s.stop_words)]
     ranked = confirmed or possible or list(names)
     return Recognised(ranked[0], tuple(ranked[1:]))
+
+
+def _slots_to_ollama(slots: Sequence[Slot], bos: str | None, eos: str | None, placeholder: str) -> str:
+    items: list[str] = []
+    for slot in slots:
+        if isinstance(slot, str):
+            items.append(slot.replace("{{content}}", "{{ " + placeholder + " }}", 1))
+        elif "token" in slot:
+            raise NotTranslatable(slot["token"])
+        elif slot.get("special") == "bos_token" and bos is not None:
+            items.append(bos)
+        elif slot.get("special") == "eos_token" and eos is not None:
+            items.append(eos)
+    return "".join(items)
+
+
+def generated_ollama(spec: TemplateSpec, bos: str | None, eos: str | None) -> str:
+    """The Modelfile ``TEMPLATE`` LLaMA-Factory writes for ``spec``; ``NotTranslatable`` when it writes none."""
+    prefix = _slots_to_ollama(spec.format_prefix, bos, eos, "content")
+    system = _slots_to_ollama(spec.format_system, bos, eos, ".System")
+    user = _slots_to_ollama(spec.format_user, bos, eos, ".Content")
+    assistant = _slots_to_ollama(spec.format_assistant, bos, eos, ".Content")
+    return (f"{prefix}{{{{ if .System }}}}{system}{{{{ end }}}}{{{{ range .Messages }}}}"
+            f'{{{{ if eq .Role "user" }}}}{user}{{{{ else if eq .Role "assistant" }}}}{assistant}'
+            "{{ end }}{{ end }}")
+
+
+_TRIPLE = r'"""(.*?)"""'
+
+
+def recognise_modelfile(text: str, bos: str | None, eos: str | None) -> Recognised | None:
+    """The LLaMA-Factory template an exported ``Modelfile`` was written from, or ``None``."""
+    template = re.search(r"^TEMPLATE " + _TRIPLE, text, re.MULTILINE | re.DOTALL)
+    if template is None:
+        return None
+    system = re.search(r"^SYSTEM " + _TRIPLE, text, re.MULTILINE | re.DOTALL)
+    stops = set(re.findall(r'^PARAMETER stop "(.*)"$', text, re.MULTILINE))
+    names = []
+    for name in template_names():
+        spec = load_spec(name)
+        try:
+            if generated_ollama(spec, bos, eos) != template.group(1):
+                continue
+        except NotTranslatable:
+            continue
+        if spec.default_system == (system.group(1) if system else "") and stops == {eos, *spec.stop_words}:
+            names.append(name)
+    return _ranked(names, eos) if names else None

@@ -10,7 +10,9 @@
    the Jinja LLaMA-Factory generated from one of its templates (``gateway.templates.lf_jinja``), that template;
    otherwise the Jinja itself;
 4. the base model's configured template;
-5. the base tokenizer's chat template (recognised the same way: a merged export carries LLaMA-Factory's Jinja).
+5. the ``Modelfile`` of a merged export (``llamafactory-cli export``) in the base folder, when it is the one
+   LLaMA-Factory wrote for one of its templates;
+6. the base tokenizer's chat template (recognised the same way: a merged export carries LLaMA-Factory's Jinja).
 
     resolved = resolve_template(adapter_dir=Path("saves/qwen/lora/train_1"), base_dir=Path("models/Qwen2.5-7B"))
     resolved.template.render(messages), resolved.source  # "recorded by LLaMA-Factory in .../training_args.yaml"
@@ -25,10 +27,11 @@ from pathlib import Path
 import yaml
 
 from gateway.templates.chat_template import ChatTemplate, SlotTemplate
-from gateway.templates.jinja_template import JinjaTemplate, find_chat_template
-from gateway.templates.lf_jinja import recognise
+from gateway.templates.jinja_template import JinjaTemplate, find_chat_template, tokenizer_tokens
+from gateway.templates.lf_jinja import recognise, recognise_modelfile
 
 RUN_FILES = ("training_args.yaml", "llamaboard_config.yaml")
+MODELFILE = "Modelfile"
 RUN_KEYS = ("template", "top.template")  # training_args.yaml; LLaMA Board's saved form
 _CHECKPOINT = re.compile(r"checkpoint-\d+")
 
@@ -104,6 +107,22 @@ def _tokenizer_template(folder: Path, whose: str) -> ResolvedTemplate | None:
                             f"LLaMA-Factory's Jinja for template {recognised.name}{ties}: {whose} in {found.path}")
 
 
+def _modelfile_template(folder: Path) -> ResolvedTemplate | None:
+    path = folder / MODELFILE
+    if not path.is_file():
+        return None
+    bos, eos = tokenizer_tokens(folder)
+    try:
+        recognised = recognise_modelfile(path.read_text(encoding="utf-8"), bos, eos)
+    except (OSError, UnicodeDecodeError):
+        return None
+    if recognised is None:
+        return None
+    ties = f" (or {', '.join(recognised.ties)}: the same file)" if recognised.ties else ""
+    return ResolvedTemplate(SlotTemplate.named(recognised.name),
+                            f"LLaMA-Factory's Modelfile for template {recognised.name}{ties} in {path}")
+
+
 def resolve_template(
     *,
     explicit: str | None = None,
@@ -136,6 +155,9 @@ def resolve_template(
         return ResolvedTemplate(_slot_template(base_template, "the base model's configuration"),
                                 "the base model's configured template")  # fmt: skip
     if base_dir is not None:
+        from_modelfile = _modelfile_template(base_dir)
+        if from_modelfile is not None:
+            return from_modelfile
         from_tokenizer = _tokenizer_template(base_dir, "the base tokenizer's chat template")
         if from_tokenizer is not None:
             return from_tokenizer

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gateway.templates import SlotTemplate, resolve_template, template_names
-from gateway.templates.lf_jinja import recognise
+from gateway.templates.lf_jinja import recognise, recognise_modelfile
 
 DATA = Path(__file__).parents[1] / "data" / "lf_jinja"
 INDEX = json.loads((DATA / "index.json").read_text(encoding="utf-8"))
@@ -89,3 +89,27 @@ def test_the_users_training_yaml_decides_over_the_jinja(tmp_path: Path) -> None:
     assert resolved.template.name == "llama3" and resolved.source == f"the training config {beside}"
     (run / "my_sft.yaml").write_text("template: mistral\n", encoding="utf-8")
     assert resolve_template(adapter_dir=run).template.name == "mistral"
+
+
+@pytest.mark.parametrize("name", sorted(n for n, v in INDEX.items() if v["jinja"] is not None))
+def test_each_exported_modelfile_is_recognised_as_its_template(name: str) -> None:
+    entry = INDEX[name]
+    found = recognise_modelfile((DATA / f"{name}.Modelfile").read_text(encoding="utf-8"), entry["bos_token"],
+                                entry["eos_token"])
+    assert found is not None and name in (found.name, *found.ties)
+    if not found.ties:
+        assert found.name == name
+
+
+def test_a_merged_export_is_served_with_its_modelfiles_template(tmp_path: Path) -> None:
+    """An export dir: LLaMA-Factory's Modelfile decides over the Jinja beside it (qwen keeps Qwen's own Jinja)."""
+    export = tmp_path / "export"
+    export.mkdir()
+    shutil.copy(DATA / "qwen.Modelfile", export / "Modelfile")
+    (export / "chat_template.jinja").write_text("{{ messages[0]['content'] }}", encoding="utf-8")
+    (export / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}), encoding="utf-8")
+    resolved = resolve_template(base_dir=export)
+    assert resolved.template.name == "qwen"
+    assert resolved.source.startswith("LLaMA-Factory's Modelfile for template qwen")
+    (export / "Modelfile").write_text((DATA / "qwen.Modelfile").read_text().replace("Alibaba", "ACME"))
+    assert resolve_template(base_dir=export).template.name.startswith("jinja:")  # an edited file is not LLaMA-Factory's

@@ -1,6 +1,7 @@
 """Ask LLaMA-Factory (0.9.5, installed in its own throw-away venv) for the Jinja chat template it generates from
 each of its text templates — what ``llamafactory-cli train`` saves as ``chat_template.jinja`` when a template
-replaces the model's Jinja — and write them here as test data (``<template>.jinja`` and ``index.json``).
+replaces the model's Jinja — and the Ollama ``Modelfile`` ``llamafactory-cli export`` writes, as test data here
+(``<template>.jinja``, ``<template>.Modelfile`` and ``index.json``).
 
     python3 -m venv /tmp/lfvenv && /tmp/lfvenv/bin/pip install llamafactory==0.9.5 torch==2.13.0
     /tmp/lfvenv/bin/python tests/data/lf_jinja/make_lf_jinja.py TOKENIZER_DIR
@@ -47,6 +48,8 @@ def main(tokenizer_dir: str) -> None:
         else:
             reason = None
             (HERE / f"{name}.jinja").write_text(jinja, encoding="utf-8")
+            # what ``llamafactory-cli export`` writes beside merged weights
+            (HERE / f"{name}.Modelfile").write_text(template.get_ollama_modelfile(tokenizer), encoding="utf-8")
         index[name] = {"jinja": f"{name}.jinja" if jinja is not None else None, "not_generated": reason,
                        "eos_token": tokenizer.eos_token, "bos_token": tokenizer.bos_token,
                        "replace_jinja_template": template.replace_jinja_template}
