@@ -75,8 +75,11 @@ class TorchBackend:
     @classmethod
     async def load(cls, model_dir: str | Path, *, device: str = "auto", dtype: str = "auto",
                    max_model_len: int | None = None, max_batch_size: int = 8, max_queue: int = 256,
-                   pad_token_id: int | None = None, tokenizer: Any = None) -> TorchBackend:
-        """``tokenizer`` (the Hugging Face tokenizer prompts are encoded with) enables structured output."""
+                   pad_token_id: int | None = None, tokenizer: Any = None, stop_on_model_eos: bool = True
+                   ) -> TorchBackend:
+        """``tokenizer`` (the Hugging Face tokenizer prompts are encoded with) enables structured output.
+        ``stop_on_model_eos=False``: only ``stop_token_ids`` end a generation (the gateway sends the template's,
+        as LLaMA-Factory stops); otherwise every eos id of the model's config and generation config does too."""
         torch_device = pick_device(device)
         torch_dtype = pick_dtype(dtype, torch_device)
 
@@ -95,7 +98,8 @@ class TorchBackend:
             eos.update(value if isinstance(value, list) else [value] if value is not None else [])
         pad = pad_token_id if pad_token_id is not None else (getattr(config, "pad_token_id", None) or 0)
         log.info("loaded %s on %s as %s (context %d)", model_dir, torch_device, torch_dtype, context)
-        return cls(model, device=torch_device, eos_token_ids=frozenset(eos), pad_token_id=pad,
+        eos_ids = frozenset(eos) if stop_on_model_eos else frozenset()
+        return cls(model, device=torch_device, eos_token_ids=eos_ids, pad_token_id=pad,
                    max_model_len=context, max_batch_size=max_batch_size, max_queue=max_queue, tokenizer=tokenizer)
 
     # --- generation ---------------------------------------------------------------------------------------------

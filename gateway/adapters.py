@@ -17,6 +17,9 @@ Contracts:
   returns at once; from another folder is a ``Conflict``.
 - Every check (path inside the roots, safetensors only, shapes fit the base) runs before the backend is touched;
   a refused adapter leaves everything as it was.
+- A configured adapter that fails its checks or that the backend refuses at start-up (DoRA on the native backend,
+  say) does not stop the server: it is kept in state ``refused`` with its reason, listed, and requests for it get
+  that reason as a 422 (``adapter_refused``).
 - Under a root, the name of a run folder is its path relative to the root: ``RUN`` or ``RUN/checkpoint-N``; other
   spellings of that path (``./RUN``, ``RUN/.``, ``RUN//``) name the same adapter, never another resident copy.
 """
@@ -44,10 +47,15 @@ from gateway.templates import ResolvedTemplate
 
 log = logging.getLogger(__name__)
 
-AdapterState = Literal["loaded", "on_disk", "loading", "unloading"]
+AdapterState = Literal["loaded", "on_disk", "loading", "unloading", "refused"]
 AdapterSource = Literal["config", "api", "root"]
 TemplateResolver = Callable[[Path, "str | None"], ResolvedTemplate]  # (adapter folder, explicit name) -> template
 SLOT_WAIT_SECONDS = 30.0  # how long a load waits for a busy adapter to become evictable before 429
+
+
+def placeholder_info(folder: Path) -> AdapterInfo:
+    """What is listed for a configured folder that failed its checks: its path, nothing read from it."""
+    return AdapterInfo(path=folder, rank=0, target_modules=(), size_bytes=0, base_model=None, safetensors=False)
 
 
 def canonical_name(model: str) -> str:
@@ -68,6 +76,12 @@ class Adapter:
     in_flight: int = 0
     last_used: float | None = None
     loads: int = 0  # how many times the backend loaded it
+    reason: str | None = None  # why a configured adapter is refused (state "refused"): the backend cannot serve it
+
+    def refusal(self) -> AdapterLoadError:
+        """The 422 a request for a refused adapter gets."""
+        return AdapterLoadError(f"adapter {self.name!r} cannot be served: {self.reason}", param="model",
+                                code="adapter_refused")
 
 
 class Lease:
@@ -116,16 +130,26 @@ class AdapterPool:
     # --- start-up -------------------------------------------------------------------------------------------------
 
     async def start(self, configured: Sequence[tuple[str, Path, ResolvedTemplate]]) -> None:
-        """Register the configured adapters and load the pinned ones, then others while there is room."""
+        """Register the configured adapters and load the pinned ones, then others while there is room. An adapter
+        that cannot be served is kept as ``refused`` (logged once), and the rest are served."""
         for name, path, template in configured:
-            info = await self._inspect(path.resolve())
+            try:
+                info = await self._inspect(path.resolve())
+            except AdapterLoadError as exc:
+                self._refuse(self._register(name, placeholder_info(path.resolve()), template, "config"), exc)
+                continue
             self._register(name, info, template, "config")
         for name in sorted(self.pins - set(self._adapters)):
             if self._discover(name) is None:
                 raise AdapterLoadError(f"--pin {name}: no adapter of that name is configured or under a root")
         for adapter in sorted(self._adapters.values(), key=lambda a: not a.pinned):
+            if adapter.state == "refused":
+                continue
             if adapter.pinned or self.max_adapters is None or self._resident() < self.max_adapters:
-                await self._ensure_loaded(adapter)
+                try:
+                    await self._ensure_loaded(adapter)
+                except AdapterLoadError as exc:
+                    self._refuse(adapter, exc)
         await self.refresh_catalog()
         self._report()
 
@@ -158,6 +182,8 @@ class AdapterPool:
             adapter = self._adapters.get(target.adapter)
             if adapter is None:  # the registry and the pool change together, without an await in between
                 raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
+            if adapter.state == "refused":
+                raise adapter.refusal()
             if adapter.state != "loaded":
                 await self._ensure_loaded(adapter)
                 continue  # re-check: it may have been unloaded meanwhile
@@ -233,6 +259,10 @@ class AdapterPool:
         if self._metrics is not None:
             adapters = self.catalog()
             self._metrics.residency(self._resident(), sum(a.state == "on_disk" for a in adapters))
+    def refusal_reason(self, name: str) -> str | None:
+        """Why the adapter ``name`` is refused, or ``None`` when it is served (or unknown)."""
+        adapter = self._adapters.get(name)
+        return adapter.reason if adapter is not None and adapter.state == "refused" else None
 
     def targets(self) -> list[Target]:
         """Everything a request may name, including run folders under the roots not loaded yet."""
@@ -261,7 +291,12 @@ class AdapterPool:
         self._change = asyncio.Event()
 
     def _resident(self) -> int:
-        return sum(a.state != "on_disk" for a in self._adapters.values())
+        return sum(a.state in ("loaded", "loading", "unloading") for a in self._adapters.values())
+
+    def _refuse(self, adapter: Adapter, exc: AdapterLoadError) -> None:
+        adapter.state, adapter.reason = "refused", exc.message
+        log.error("not serving adapter %s: %s (serving the rest)", adapter.name, exc.message)
+        self._changed()
 
     def _template(self, folder: Path, explicit: str | None) -> ResolvedTemplate:
         return self._resolve_template(folder, explicit)
@@ -305,6 +340,8 @@ class AdapterPool:
         """Load ``adapter`` (its lock held); returns at once when it is loaded."""
         while adapter.state == "unloading":  # an eviction is finishing: wait for it, then load again
             await self._change.wait()
+        if adapter.state == "refused":
+            raise adapter.refusal()
         if adapter.state == "loaded" or self._adapters.get(adapter.name) is not adapter:
             return
         await self._reserve_slot()

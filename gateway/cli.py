@@ -42,15 +42,19 @@ def _pairs(values: list[str], flag: str) -> dict[str, str]:
     return pairs
 
 
-def adapter_configs(adapters: list[str], templates: list[str]) -> tuple[AdapterConfig, ...] | None:
+def adapter_configs(adapters: list[str], templates: list[str],
+                    training: list[str] = []) -> tuple[AdapterConfig, ...] | None:  # noqa: B006
     paths = _pairs(adapters, "--adapter")
     chosen = _pairs(templates, "--adapter-template")
-    unknown = sorted(set(chosen) - set(paths))
-    if unknown:
-        raise typer.BadParameter(f"no --adapter named {', '.join(unknown)}", param_hint="--adapter-template")
+    configs = _pairs(training, "--adapter-config")
+    for flag, given in (("--adapter-template", chosen), ("--adapter-config", configs)):
+        unknown = sorted(set(given) - set(paths))
+        if unknown:
+            raise typer.BadParameter(f"no --adapter named {', '.join(unknown)}", param_hint=flag)
     if not paths:
         return None
-    return tuple(AdapterConfig(name=n, path=p, template=chosen.get(n)) for n, p in paths.items())
+    return tuple(AdapterConfig(name=n, path=p, template=chosen.get(n), training_config=configs.get(n))
+                 for n, p in paths.items())
 
 
 def route_configs(values: list[str]) -> dict[str, RouteConfig] | None:
@@ -74,6 +78,10 @@ def server_settings(
     ] = [],  # noqa: B006
     template: Annotated[Optional[str], typer.Option(help=_help("template"))] = None,  # noqa: UP045
     tool_policy: Annotated[Optional[str], typer.Option(help=_help("tool_policy"))] = None,  # noqa: UP045
+    adapter_config: Annotated[
+        list[str], typer.Option(help="NAME=FILE: the LLaMA-Factory training YAML of one adapter, whose `template:` "
+                                     "it uses (repeatable).")
+    ] = [],  # noqa: B006
     adapter_tool_policy: Annotated[
         list[str], typer.Option(help=_help("adapter_tool_policies") + " (repeatable)")
     ] = [],  # noqa: B006
@@ -127,6 +135,10 @@ def server_settings(
     ] = False,
     drain_timeout: Annotated[Optional[int], typer.Option(help=_help("drain_timeout"))] = None,  # noqa: UP045
     workers: Annotated[Optional[int], typer.Option(help=_help("workers"))] = None,  # noqa: UP045
+    stop_on_model_eos: Annotated[
+        bool, typer.Option("--stop-on-model-eos", help=_help("stop_on_model_eos"))
+    ] = False,
+    decode_clean_up: Annotated[Optional[str], typer.Option(help=_help("decode_clean_up"))] = None,  # noqa: UP045
     config: Annotated[Optional[Path], typer.Option(help="YAML file with settings (flags win).")] = None,  # noqa: UP045
 ) -> Settings:
     """The gateway's settings from the ``serve`` flags (the parameters here); a bad one is a usage error."""
@@ -134,7 +146,7 @@ def server_settings(
         settings = Settings.load(
             config,
             model=model,
-            adapters=adapter_configs(adapter, adapter_template),
+            adapters=adapter_configs(adapter, adapter_template, adapter_config),
             template=template,
             tool_policy=tool_policy,
             adapter_tool_policies=_pairs(adapter_tool_policy, "--adapter-tool-policy") or None,
@@ -178,6 +190,8 @@ def server_settings(
             feedback_store_text=feedback_store_text or None,
             drain_timeout=drain_timeout,
             workers=workers,
+            stop_on_model_eos=stop_on_model_eos or None,
+            decode_clean_up=decode_clean_up,
         )
     except SettingsError as exc:
         raise typer.BadParameter(str(exc)) from None

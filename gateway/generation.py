@@ -28,7 +28,9 @@ T = TypeVar("T")
 class PreparedPrompt:
     text: str
     token_ids: tuple[int, ...]
-    stop: tuple[str, ...]  # template stop words + the request's stop strings
+    stop: tuple[str, ...]  # the end tokens (below) + the request's stop strings
+    end: tuple[str, ...] = ()  # what ends a generation unasked (template eos and stop words, see stop_tokens);
+    # ``ignore_eos`` leaves these out and keeps only the request's own stops
 
 
 def new_id(prefix: str) -> str:
@@ -139,6 +141,17 @@ def stop_token_ids(state: GatewayState, stops: Sequence[str]) -> list[int]:
     return ids
 
 
+def cleans_up(state: GatewayState) -> bool:
+    """Whether answers get transformers' tokenization-space clean-up (``gateway.streaming``): ``--decode-clean-up
+    tokenizer`` (default) follows the served tokenizer's ``clean_up_tokenization_spaces``. LLaMA-Factory's chat
+    engine cleans its non-streamed answers always and its streamed ones per the tokenizer; ``always`` gives its
+    non-streamed text, the default its streamed text — both for stream and non-stream here."""
+    mode = state.settings.decode_clean_up
+    if mode == "tokenizer":
+        return bool(getattr(state.tokenizer, "clean_up_tokenization_spaces", False))
+    return mode == "always"
+
+
 def choice_streams(state: GatewayState, target: Target, prompt: PreparedPrompt, body: SamplingFields, n: int,
                    max_tokens: int, logprobs: LogprobRequest = LogprobRequest(),
                    constraint: OutputConstraint | None = None) -> list[AsyncIterator[TextPiece]]:
@@ -147,7 +160,8 @@ def choice_streams(state: GatewayState, target: Target, prompt: PreparedPrompt, 
     if n > state.settings.max_queue:  # the choices could never all wait for a batch slot: a 429 would be forever
         raise InvalidRequest(f"n is {n}, more choices than this server can queue (--max-queue "
                              f"{state.settings.max_queue})", param="n")
-    ids = stop_token_ids(state, prompt.stop)
+    stops = tuple(s for s in prompt.stop if s not in prompt.end) if body.ignore_eos else prompt.stop
+    ids = stop_token_ids(state, stops)
     defaults = state.policies.for_target(target).sampling.values
     observer = current_request()
     if observer is not None:
@@ -161,9 +175,10 @@ def choice_streams(state: GatewayState, target: Target, prompt: PreparedPrompt, 
             prompt_token_ids=prompt.token_ids,
             prompt_text=prompt.text,
             adapter=target.adapter,
-            sampling=sampling_params(body, max_tokens, prompt.stop, ids, choice, defaults, bias, logprobs, constraint),
+            sampling=sampling_params(body, max_tokens, stops, ids, choice, defaults, bias, logprobs, constraint),
         )
-        streams.append(stream_text(state.backend.generate(request), state.tokenizer, prompt.stop, observer))
+        streams.append(stream_text(state.backend.generate(request), state.tokenizer, stops, observer,
+                                   clean_up=cleans_up(state)))
     return streams
 
 

@@ -22,6 +22,7 @@ from gateway.model_policy import ModelPolicies
 from gateway.registry import Registry
 from gateway.settings import AdapterConfig, Settings, SettingsError
 from gateway.state import GatewayState
+from gateway.stop_tokens import model_eos_tokens
 from gateway.templates import ResolvedTemplate, TemplateNotFound, TemplateResolutionError, resolve_template
 from gateway.tokenization import ServedTokenizer
 
@@ -54,10 +55,12 @@ async def with_demo_models(settings: Settings) -> Settings:
     })
 
 
-def _resolve(explicit: str | None, adapter_dir: Path | None, settings: Settings, base_dir: Path | None) -> Any:
+def _resolve(explicit: str | None, adapter_dir: Path | None, settings: Settings, base_dir: Path | None,
+             training_config: str | None = None) -> Any:
     try:
         return resolve_template(explicit=explicit, adapter_dir=adapter_dir, base_template=settings.template,
-                                base_dir=base_dir)
+                                base_dir=base_dir,
+                                training_config=Path(training_config) if training_config else None)
     except (TemplateNotFound, TemplateResolutionError) as exc:
         raise SettingsError(str(exc)) from exc
 
@@ -87,6 +90,7 @@ async def create_backend(settings: Settings, model_dir: Path, tokenizer: Any) ->
             max_queue=settings.max_queue,
             pad_token_id=tokenizer.pad_token_id,
             tokenizer=tokenizer.hf,
+            stop_on_model_eos=False,  # the gateway sends what ends each request in its stop_token_ids
         )
     from backends.upstream_pool import Timeouts
     from backends.upstreams import start_upstream_backend
@@ -142,7 +146,8 @@ async def prepare(settings: Settings) -> Prepared:
     for adapter in settings.adapters:
         if not Path(adapter.path).is_dir():
             raise SettingsError(f"--adapter {adapter.name}={adapter.path}: no such folder")
-    templates = {a.name: _resolve(a.template, Path(a.path), settings, model_dir) for a in settings.adapters}
+    templates = {a.name: _resolve(a.template, Path(a.path), settings, model_dir, a.training_config)
+                 for a in settings.adapters}
     roots = tuple(Path(root) for root in settings.adapter_roots)
     for root in roots:
         if not root.is_dir():
@@ -182,8 +187,9 @@ async def connect(prepared: Prepared, backend: Backend | None = None, metrics: M
         await backend.aclose()
         raise
     for entry in pool.catalog():
-        log.info("serving adapter %s (%s, %s: %s)", entry.name, entry.state, entry.template.template.name,
-                 entry.template.source)
+        if entry.state != "refused":  # refusals were logged by the pool, one line each
+            log.info("serving adapter %s (%s, %s: %s)", entry.name, entry.state, entry.template.template.name,
+                     entry.template.source)
     max_len = backend.capabilities.max_context or settings.max_model_len or int(p.tokenizer.model_max_length)
     try:
         routes = build_routes(settings, pool)
@@ -191,9 +197,11 @@ async def connect(prepared: Prepared, backend: Backend | None = None, metrics: M
     except BaseException:
         await backend.aclose()
         raise
+    base_folder = _base_folder(settings, model_dir, local)
     return GatewayState(settings=settings, registry=registry, backend=backend, tokenizer=p.tokenizer,
                         max_model_len=max_len, adapters=pool, routes=routes, feedback=feedback,
-                        policies=ModelPolicies(settings, _base_folder(settings, model_dir, local)))
+                        policies=ModelPolicies(settings, base_folder),
+                        model_eos=model_eos_tokens(base_folder, p.tokenizer))
 
 
 def _base_folder(settings: Settings, model_dir: Path, local: bool) -> Path | None:

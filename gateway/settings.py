@@ -42,6 +42,8 @@ class AdapterConfig(BaseModel):
     name: str = Field(description="The name clients use as `model`.")
     path: str = Field(description="The LoRA folder (a LLaMA-Factory run folder or a checkpoint-N inside it).")
     template: str | None = Field(None, description="Chat template for this adapter; detected when unset.")
+    training_config: str | None = Field(None, description=(
+        "The LLaMA-Factory YAML it was trained with (`llamafactory-cli train FILE`); its `template:` is used."))
     tool_policy: ToolPolicy | None = Field(None, description="What to do with a request's `tools` for this adapter "
                                                              "(default: the base's --tool-policy).")
     sampling_defaults: SamplingDefaultsConfig | None = Field(
@@ -122,6 +124,13 @@ class Settings(BaseSettings):
         "defaults (sampling_defaults from the config still apply)."))
     sampling_defaults: SamplingDefaultsConfig | None = Field(
         None, description="Sampling defaults of the base (and its adapters), over generation_config.json.")
+    decode_clean_up: Literal["tokenizer", "always", "never"] = Field("tokenizer", description=(
+        "Clean up tokenization spaces in answers (\"ChatGPT ?\" -> \"ChatGPT?\"), streamed and not alike: as the "
+        "served tokenizer's clean_up_tokenization_spaces says, always (LLaMA-Factory's non-streamed answers), or "
+        "never."))
+    stop_on_model_eos: bool = Field(False, description=(
+        "Chats also stop on every eos id of the base's config.json / generation_config.json; by default they stop "
+        "where LLaMA-Factory stops: the template's eos and stop words only."))
     device: Device = Field("auto", description="Where the native backend runs: cuda, npu (torch-npu) or cpu.")
     dtype: DType = Field("auto", description="Weights dtype for the native backend (auto: bf16 on GPU, fp32 on CPU).")
     max_batch_size: int = Field(8, ge=1, description="Most sequences decoded together by the native engine.")

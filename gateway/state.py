@@ -26,3 +26,4 @@ class GatewayState:
     routes: RouteTable
     feedback: FeedbackStore
     unknown_fields_seen: set[str] = field(default_factory=set)
+    model_eos: tuple[str, ...] = ()  # the base's config eos tokens (gateway.stop_tokens)

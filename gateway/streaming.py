@@ -4,11 +4,16 @@
   decoding in pieces gives exactly the text of decoding everything at once.
 - Stop strings are found across token boundaries; text that could still be the start of a stop string is held back,
   and the stop string itself is never emitted.
+- Special tokens are never shown (decoded with ``skip_special_tokens``).
+- With ``clean_up``, tokenization spaces (``"ChatGPT ?"`` -> ``"ChatGPT?"``) are cleaned up with transformers' own
+  ``clean_up_tokenization``, on the streamed text as a whole: the pieces join to the clean-up of one decode of all
+  ids, so streamed and non-streamed answers are the same text. Whether to clean is ``--decode-clean-up``
+  (``gateway.generation.cleans_up``): by default the served tokenizer's ``clean_up_tokenization_spaces``.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -19,7 +24,13 @@ FinishReason = Literal["stop", "length"]
 
 
 class Decoder(Protocol):
-    def decode(self, token_ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = ...,
+               clean_up_tokenization_spaces: bool | None = ...) -> str: ...
+
+    def clean_up_tokenization(self, text: str) -> str: ...
+
+
+CLEANUP_HOLD = 8  # characters at the end of cleaned text that later text may still change (patterns span <= 4)
 
 
 class IncrementalDetokenizer:
@@ -36,7 +47,8 @@ class IncrementalDetokenizer:
         self._read = 0  # tokens already turned into emitted text
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True)
+        # Windows are decoded raw: a clean-up inside a window would change text already emitted (SpaceCleaner).
+        return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def add(self, token_ids: Sequence[int]) -> str:
         self._ids.extend(token_ids)
@@ -54,6 +66,30 @@ class IncrementalDetokenizer:
         full_text = self._decode(self._ids[self._prefix :])
         self._prefix = self._read = len(self._ids)
         return full_text[len(prefix_text) :]
+
+
+class SpaceCleaner:
+    """``clean(text)`` of all text fed so far, emitted as it settles: the pieces join to ``clean`` of the whole."""
+
+    def __init__(self, clean: Callable[[str], str]) -> None:
+        self._clean = clean
+        self._raw = ""
+        self._sent = ""
+
+    def feed(self, text: str) -> str:
+        self._raw += text
+        cleaned = self._clean(self._raw)
+        settled = cleaned[: max(0, len(cleaned) - CLEANUP_HOLD)]
+        if len(settled) <= len(self._sent) or not settled.startswith(self._sent):
+            return ""
+        out, self._sent = settled[len(self._sent) :], settled
+        return out
+
+    def flush(self) -> str:
+        cleaned = self._clean(self._raw)
+        out = cleaned[len(self._sent) :] if cleaned.startswith(self._sent) else ""
+        self._sent = cleaned
+        return out
 
 
 class StopMatcher:
@@ -134,7 +170,8 @@ class _LogprobPlacer:
 
 
 async def stream_text(
-    deltas: AsyncIterator[Delta], tokenizer: Decoder, stops: Sequence[str], observer: RequestContext | None = None
+    deltas: AsyncIterator[Delta], tokenizer: Decoder, stops: Sequence[str], observer: RequestContext | None = None,
+    *, clean_up: bool = False
 ) -> AsyncIterator[TextPiece]:
     """Text pieces for one completion; the last piece has ``finish_reason`` and the completion token count.
 
@@ -143,6 +180,7 @@ async def stream_text(
     request's context) hears of every output delta and of the finish, for metrics and the access log.
     """
     detokenizer = IncrementalDetokenizer(tokenizer)
+    cleaner = SpaceCleaner(tokenizer.clean_up_tokenization) if clean_up else None
     matcher = StopMatcher(stops)
     placer = _LogprobPlacer()
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
@@ -157,6 +195,8 @@ async def stream_text(
             text = delta.text if delta.text is not None else detokenizer.add(delta.token_ids)
             if delta.finish_reason is not None and delta.text is None:
                 text += detokenizer.flush()
+            if cleaner is not None and delta.text is None:  # an upstream's text is already decoded its way
+                text = cleaner.feed(text) + (cleaner.flush() if delta.finish_reason is not None else "")
             placer.add(delta, text)
             if delta.prompt_logprobs is not None:
                 prompt_logprobs = delta.prompt_logprobs

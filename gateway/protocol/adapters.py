@@ -42,7 +42,8 @@ class AdapterObject(BaseModel):
     id: str = Field(description="The adapter's name (the `model` clients send).")
     object: Literal["adapter"] = "adapter"
     path: str = Field(description="The real folder the weights are loaded from.")
-    state: Literal["loaded", "on_disk", "loading", "unloading"]
+    state: Literal["loaded", "on_disk", "loading", "unloading", "refused"]
+    reason: str | None = Field(None, description="For state `refused`: why the backend cannot serve it.")
     source: Literal["config", "api", "root"] = Field(description="Configured, loaded through this API, or found "
                                                                  "under an adapter root.")
     size_bytes: int = Field(description="Size of the adapter weights file.")

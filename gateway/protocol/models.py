@@ -23,6 +23,9 @@ class Model(BaseModel):
     tool_handling: str = Field("", description="When this model renders a request's tools, and how we know.")
     sampling_defaults: dict[str, float | int] = Field(
         {}, description="What a request that leaves these sampling parameters out gets.")
+    state: Literal["available", "refused"] = Field(
+        "available", description="`refused`: a configured adapter the backend cannot serve; requests get a 422.")
+    reason: str | None = Field(None, description="Why a refused adapter cannot be served.")
 
 
 class ModelList(BaseModel):

@@ -46,6 +46,7 @@ def describe(adapter: Adapter, state: GatewayState) -> AdapterObject:
         id=adapter.name,
         path=str(adapter.info.path),
         state=adapter.state,
+        reason=adapter.reason,
         source=adapter.source,
         size_bytes=adapter.info.size_bytes,
         rank=adapter.info.rank,

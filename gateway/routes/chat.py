@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +49,7 @@ from gateway.sse import sse_response
 from gateway.state import GatewayState
 from gateway.streaming import PlacedLogprob, TextPiece
 from gateway.structured import output_constraint
-from gateway.templates import OutputParser, ParsedDelta, encode_segments
+from gateway.templates import JinjaTemplate, OutputParser, ParsedDelta, encode_segments
 from gateway.tokenization import prepare_off_loop
 from gateway.tool_policy import TOOLS_IGNORED_HEADER
 
@@ -76,6 +76,17 @@ def ignored_tools(state: GatewayState, target: Target, body: ChatCompletionReque
     return len(body.tools)
 
 
+def end_tokens(state: GatewayState, target: Target, template_stop: Sequence[str]) -> tuple[str, ...]:
+    """What ends ``target``'s chats unasked. A LLaMA-Factory template stops where LLaMA-Factory does: its eos and
+    stop words (``template_stop``; gateway.stop_tokens), the model's eos ids only with --stop-on-model-eos. A Jinja
+    template has no such rule: it stops on its folder's eos too (a LLaMA-Factory run saves its fixed tokenizer:
+    for qwen, <|im_end|>) and on the model's eos ids, as transformers and vLLM do."""
+    template = target.template
+    own = (template.eos_token,) if isinstance(template, JinjaTemplate) and template.eos_token else ()
+    model_eos = state.settings.stop_on_model_eos or isinstance(template, JinjaTemplate)
+    return tuple(dict.fromkeys([*template_stop, *own, *(state.model_eos if model_eos else ())]))
+
+
 def render_chat(state: GatewayState, target: Target, body: ChatCompletionRequest, *,
                 with_tools: bool | None = None) -> PreparedPrompt:
     """The exact prompt ``target`` receives for this request (``with_tools=False``: as if it had no tools)."""
@@ -92,8 +103,9 @@ def render_chat(state: GatewayState, target: Target, body: ChatCompletionRequest
         eos_token=tokenizer.eos_token if tokenizer.eos_token_id is not None else None,
     )
     token_ids = tuple(encode_segments(tokenizer, rendering.segments))
-    stops = tuple(dict.fromkeys([*rendering.stop, *body.stop_list()]))
-    return PreparedPrompt(text=rendering.prompt, token_ids=token_ids, stop=stops)
+    end = end_tokens(state, target, rendering.stop)
+    stops = tuple(dict.fromkeys([*end, *body.stop_list()]))
+    return PreparedPrompt(text=rendering.prompt, token_ids=token_ids, stop=stops, end=end)
 
 
 def output_parser(target: Target, body: ChatCompletionRequest, tools_offered: bool) -> OutputParser:

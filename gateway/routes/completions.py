@@ -60,6 +60,8 @@ def prepare_prompts(state: GatewayState, body: CompletionRequest) -> list[Prepar
     if body.suffix:
         raise InvalidRequest("suffix is not supported", param="suffix")
     vocab = len(state.tokenizer)
+    # A raw prompt has no template: the model's own eos ids end it (gateway.stop_tokens).
+    stops = tuple(dict.fromkeys([*state.model_eos, *body.stop_list()]))
     prepared = []
     for prompt in _prompt_list(body):
         if isinstance(prompt, str):
@@ -72,7 +74,7 @@ def prepare_prompts(state: GatewayState, body: CompletionRequest) -> list[Prepar
             text = state.tokenizer.decode(list(prompt), skip_special_tokens=False)
         if not token_ids:
             raise InvalidRequest("prompt must not be empty", param="prompt")
-        prepared.append(PreparedPrompt(text=text, token_ids=token_ids, stop=tuple(body.stop_list())))
+        prepared.append(PreparedPrompt(text=text, token_ids=token_ids, stop=stops, end=state.model_eos))
     return prepared
 
 

@@ -26,6 +26,7 @@ def describe(target: Target, state: GatewayState) -> Model:
         tool_policy=policy.tools.policy,
         tool_handling=policy.tools.summary,
         sampling_defaults=dict(policy.sampling.values),
+        **_refusal(target, state),
     )
 
 
@@ -35,6 +36,11 @@ def describe_route(name: str, config: RouteConfig, state: GatewayState) -> Model
     how = "a blind route" if config.blind else "a route over " + ", ".join(config.variants)
     return Model(id=name, created=0, template=templates.pop() if len(templates) == 1 else "mixed",
                  template_source=f"{how} (each request uses its variant's template)", max_model_len=state.max_model_len)
+
+
+def _refusal(target: Target, state: GatewayState) -> dict[str, str]:
+    reason = None if target.adapter is None else state.adapters.refusal_reason(target.adapter)
+    return {} if reason is None else {"state": "refused", "reason": reason}
 
 
 @router.get("/v1/models")

@@ -69,6 +69,17 @@ class TokenizerChatTemplate:
     eos_token: str | None
 
 
+def tokenizer_tokens(folder: Path) -> tuple[str | None, str | None]:
+    """``(bos, eos)`` as the folder's ``tokenizer_config.json`` declares them (``None`` where it does not)."""
+    try:
+        config = json.loads((folder / TOKENIZER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None, None
+    if not isinstance(config, dict):
+        return None, None
+    return _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
+
+
 def find_chat_template(folder: Path) -> TokenizerChatTemplate | None:
     """The chat template of the tokenizer in ``folder``: ``chat_template.jinja``, else ``tokenizer_config.json``'s
     ``chat_template`` (a string, or named templates of which ``default`` is taken). ``None`` when there is none."""

@@ -55,3 +55,29 @@ def test_text_without_stop_passes_through_whole() -> None:
     matcher = StopMatcher(["<|im_end|>"])
     out = "".join(matcher.feed(c) for c in ["a<|", "im", "_e", "x"]) + matcher.flush()
     assert out == "a<|im_ex" and not matcher.stopped
+
+
+CLEANUP_TEXTS = ["Is it ChatGPT ? Yes , it is . I 've seen it , don 't worry !", "a  ' s . .. ?? x n't", " ?"]
+
+
+@pytest.mark.parametrize("text", CLEANUP_TEXTS)
+@pytest.mark.parametrize("cleans", [True, False])
+async def test_streamed_text_is_one_decode_of_all_ids_cleaned_per_the_tokenizer(tokenizer: object, text: str,
+                                                                                 cleans: bool) -> None:
+    from backends.base import Delta
+    from gateway.streaming import stream_text
+
+    ids = tokenizer.encode(text, add_special_tokens=False)  # type: ignore[attr-defined]
+
+    async def deltas():  # type: ignore[no-untyped-def]
+        for i in ids:
+            yield Delta(token_ids=(i,))
+        yield Delta(finish_reason="stop")
+
+    pieces = [piece.text async for piece in stream_text(deltas(), tokenizer, (), clean_up=cleans)]  # type: ignore
+    expected = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)  # type: ignore
+    if cleans:
+        expected = tokenizer.clean_up_tokenization(expected)  # type: ignore[attr-defined]
+    assert "".join(pieces) == expected
+    if cleans and "ChatGPT ?" in text:
+        assert "ChatGPT?" in expected and "I've" in expected

@@ -1,0 +1,99 @@
+"""One configured adapter the backend cannot serve (DoRA) does not stop the server: the rest are served, the refused
+one is listed with its reason, and requests for it get a 422 that says why — in-process and on a real server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from backends.base import Capabilities, Delta, GenerationRequest, Health
+from backends.lora import read_adapter
+from gateway.app import create_app
+from gateway.demo import DemoModels
+from gateway.settings import AdapterConfig, Settings
+
+HELLO = [{"role": "user", "content": "你好，你是谁？"}]
+
+
+class CheckingBackend:
+    """Answers nothing but checks adapter folders with the native backend's real reader (which refuses DoRA)."""
+
+    capabilities = Capabilities(runtime_adapters=True)
+
+    def __init__(self) -> None:
+        self.loaded: set[str] = set()
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        yield Delta(finish_reason="stop")
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        read_adapter(name, path)
+        self.loaded.add(name)
+
+    async def unload_adapter(self, name: str) -> None:
+        self.loaded.discard(name)
+
+    async def health(self) -> Health:
+        return Health(ok=True)
+
+    async def aclose(self) -> None:
+        return None
+
+
+@pytest.fixture(scope="module")
+def dora(demo_models: DemoModels, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """pku-assistant's folder with ``use_dora: true`` in its adapter_config.json."""
+    folder = tmp_path_factory.mktemp("adapters") / "dora"
+    shutil.copytree(demo_models.adapters["pku-assistant"], folder)
+    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}), encoding="utf-8")
+    return folder
+
+
+async def test_in_process_the_rest_is_served_and_the_refused_one_says_why(
+        demo_models: DemoModels, dora: Path, caplog: pytest.LogCaptureFixture) -> None:
+    config = Settings(model=str(demo_models.base_dir), served_model_name="tiny-qwen", template="qwen", adapters=(
+        AdapterConfig(name="dora", path=str(dora)),
+        AdapterConfig(name="pku-assistant", path=str(demo_models.adapters["pku-assistant"])),
+    ))
+    backend = CheckingBackend()
+    app = create_app(config, backend=backend)
+    with caplog.at_level("ERROR"):
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+                assert backend.loaded == {"pku-assistant"}
+                models = {m["id"]: m for m in (await client.get("/v1/models")).json()["data"]}
+                assert models["dora"]["state"] == "refused" and "use_dora" in models["dora"]["reason"]
+                assert models["pku-assistant"]["state"] == "available" and models["pku-assistant"]["reason"] is None
+                listed = {a["id"]: a for a in (await client.get("/v1/adapters")).json()["data"]}
+                assert listed["dora"]["state"] == "refused" and "use_dora" in listed["dora"]["reason"]
+                assert listed["pku-assistant"]["state"] == "loaded"
+                refused = await client.post("/v1/chat/completions", json={"model": "dora", "messages": HELLO})
+                assert refused.status_code == 422
+                error = refused.json()["error"]
+                assert error["code"] == "adapter_refused" and error["param"] == "model"
+                assert "use_dora" in error["message"]
+                served = await client.post("/v1/chat/completions", json={"model": "pku-assistant", "messages": HELLO})
+                assert served.status_code == 200
+    lines = [r.getMessage() for r in caplog.records if "dora" in r.getMessage()]
+    assert len(lines) == 1 and "use_dora" in lines[0] and not any(r.exc_info for r in caplog.records)
+
+
+def test_a_real_server_starts_and_refuses_only_the_dora_adapter(demo_models: DemoModels, demo_cache_home: Path,
+                                                                 dora: Path) -> None:
+    from tests.servers import running_gateway
+
+    with running_gateway(["--demo", "--adapter", f"dora={dora}"], env={"XDG_CACHE_HOME": str(demo_cache_home)}) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        models = {m.id: m.model_dump() for m in client.models.list()}
+        assert models["dora"]["state"] == "refused" and "use_dora" in models["dora"]["reason"]
+        with pytest.raises(openai.UnprocessableEntityError, match="use_dora"):
+            client.chat.completions.create(model="dora", messages=HELLO, max_tokens=4)  # type: ignore[arg-type]
+        answer = client.chat.completions.create(model="pku-assistant", messages=HELLO, max_tokens=8, temperature=0)
+        assert answer.choices[0].message.content
