@@ -128,7 +128,9 @@ def gateway_args(demo: DemoModels, upstream: str) -> list[str]:
     args += ["--served-model-name", DEMO_BASE_NAME, "--template", "qwen", "--max-model-len", str(CONTEXT)]
     for name, path in demo.adapters.items():
         args += ["--adapter", f"{name}={path}"]
-    return args
+    # Outside --demo nothing in the folders says which adapter was trained with tools (no dataset_info.json):
+    # the thinker's tools are rendered by its policy, as a user serving such folders would set it.
+    return [*args, "--adapter-tool-policy", "thinker=render"]
 
 
 @pytest.fixture(scope="module")
