@@ -175,8 +175,10 @@ def test_health_answers_while_a_big_prompt_is_tokenized(server: str) -> None:
     # Health checks that ran entirely inside the big request's time (with a margin at both ends): on the loop, a
     # tokenization this long leaves none; off the loop, they answer in milliseconds.
     inside = [end - start for start, end in checks if start > big["sent"] + 0.1 and end < big["answered"] - 0.1]
-    assert big["answered"] - big["sent"] > 1.0
-    assert len(inside) >= 3 and max(inside) < 1.0, (big, checks)  # handing the text to Rust holds the GIL ~0.3 s
+    took = big["answered"] - big["sent"]
+    assert took > 0.5, big  # long enough to tell (about 1 s on a quiet machine, several on a busy one)
+    # Handing the text to Rust still holds the GIL ~0.3 s: a check may wait that long, never the whole request.
+    assert len(inside) >= 3 and max(inside) < took / 2, (big, checks)
 
 
 def test_a_non_streamed_request_whose_client_left_frees_its_rows(server: str) -> None:
