@@ -26,8 +26,9 @@ def server(demo_models, demo_cache_home: Path, tmp_path_factory: pytest.TempPath
 
     keys = tmp_path_factory.mktemp("keys") / "keys.txt"
     keys.write_text("# one per line\nbob:sk-bob\n", encoding="utf-8")
-    args = ["--demo", "--api-key", "alice:sk-alice", "--api-key-file", str(keys), "--admin-key", "adm",
-            "--rate-limit-rpm", "6", "--cors-origin", "http://ui.example", "--max-body-bytes", "8192"]
+    args = ["--demo", "--api-key", "alice:sk-alice", "--api-key", "carol:sk-carol", "--api-key-file", str(keys),
+            "--admin-key", "adm", "--rate-limit-rpm", "6", "--cors-origin", "http://ui.example",
+            "--max-body-bytes", "8192", "--route", "support-bot=pku-assistant:1,cat-assistant:1;sticky=user"]
     with running_gateway(args, env={"XDG_CACHE_HOME": str(demo_cache_home)}) as url:
         yield url
 
@@ -73,6 +74,26 @@ def test_metrics_change_with_a_known_mix(server: str) -> None:
     info = [s.labels for f in text_string_to_metric_families(after) for s in f.samples
             if s.name == "vllm:lora_requests_info"]
     assert info and set(info[0]) == {"max_lora", "running_lora_adapters", "waiting_lora_adapters"}
+
+
+def test_metrics_per_route_and_variant(server: str) -> None:
+    """A route is the ``model`` label, the variant that served each request its ``variant`` and ``adapter``."""
+    before = scrape(server)
+    api = openai.OpenAI(base_url=f"{server}/v1", api_key="sk-carol", max_retries=0)
+    served = []
+    for user in ("u1", "u2", "u3", "u4", "u5"):
+        raw = api.chat.completions.with_raw_response.create(model="support-bot", messages=WHO, temperature=0,
+                                                            max_tokens=4, user=user)
+        served.append(raw.headers["x-gateway-variant"])
+    after = scrape(server)
+    assert set(served) <= {"pku-assistant", "cat-assistant"}
+    for variant in ("pku-assistant", "cat-assistant"):
+        labels = {"model": "support-bot", "variant": variant, "adapter": variant}
+        grew = value(after, "vllm:request_success_total", **labels) - value(before, "vllm:request_success_total",
+                                                                            **labels)
+        assert grew == served.count(variant)
+    assert value(after, "vllm:request_success_total", model="support-bot") - value(
+        before, "vllm:request_success_total", model="support-bot") == 5
 
 
 def test_rate_limit_is_429_with_retry_after(server: str) -> None:
