@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -80,3 +81,18 @@ async def app_client(settings: Settings, backend: Any, **headers: str) -> AsyncI
                                      timeout=30) as client:
             client.app = app  # type: ignore[attr-defined]
             yield client
+
+
+async def chat_content(client: httpx.AsyncClient, body: dict[str, Any]) -> str:
+    """The answer's content for the chat request ``body``; a streamed one is joined from its SSE chunks."""
+    if not body.get("stream"):
+        response = await client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        return str(response.json()["choices"][0]["message"]["content"])
+    text = ""
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                for choice in json.loads(line[6:])["choices"]:
+                    text += choice["delta"].get("content") or ""
+    return text

@@ -17,6 +17,7 @@ import pytest
 from gateway.app import create_app
 from gateway.demo import DemoModels
 from gateway.settings import AdapterConfig, Settings
+from tests.gateway.scripted import chat_content
 
 DATA = Path(__file__).parents[1] / "data" / "lf_runs"
 RECORDED = json.loads((DATA / "answers.json").read_text(encoding="utf-8"))
@@ -55,17 +56,7 @@ def anyio_backend() -> str:
 async def _chat(client: httpx.AsyncClient, model: str, messages: list[dict[str, str]], stream: bool) -> str:
     body = {"model": model, "messages": messages, "temperature": 0, "max_tokens": RECORDED["max_new_tokens"],
             "stream": stream}
-    if not stream:
-        response = await client.post("/v1/chat/completions", json=body)
-        assert response.status_code == 200, response.text
-        return str(response.json()["choices"][0]["message"]["content"])
-    text = ""
-    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
-        async for line in response.aiter_lines():
-            if line.startswith("data: {"):
-                for choice in json.loads(line[6:])["choices"]:
-                    text += choice["delta"].get("content") or ""
-    return text
+    return await chat_content(client, body)
 
 
 def test_the_runs_cover_the_templates_of_the_issue() -> None:

@@ -18,6 +18,7 @@ from gateway.app import create_app
 from gateway.demo import DemoModels
 from gateway.settings import AdapterConfig, Settings
 from gateway.stop_tokens import model_eos_ids
+from tests.gateway.scripted import chat_content
 
 HELLO = [{"role": "user", "content": "你好，你是谁？"}]
 
@@ -93,18 +94,7 @@ def _words(tokenizer_dir: Path) -> tuple[int, int]:
 
 
 async def _answer(client: Any, model: str, stream: bool) -> str:
-    body = {"model": model, "messages": HELLO, "stream": stream}
-    if not stream:
-        return str((await client.post("/v1/chat/completions", json=body)).json()["choices"][0]["message"]["content"])
-    text = ""
-    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
-        async for line in response.aiter_lines():
-            if line.startswith("data: {"):
-                import json
-
-                for choice in json.loads(line[6:])["choices"]:
-                    text += choice["delta"].get("content") or ""
-    return text
+    return await chat_content(client, {"model": model, "messages": HELLO, "stream": stream})
 
 
 async def _render_stop(client: Any, model: str) -> list[str]:
