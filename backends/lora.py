@@ -85,6 +85,9 @@ def read_adapter(name: str, path: str) -> AdapterWeights:
             raise AdapterLoadError(f"{folder}: {module} needs a lora_embedding_A [r, vocab] and a lora_embedding_B")
         scaling = module_scaling(config, module, pair["A"].shape[0], str(folder))
         embedding_factors[module] = (pair["A"].float(), pair["B"].float() * scaling)
+    if set(parts.magnitudes) & set(embedding_factors):
+        raise AdapterLoadError(f"{folder}: use_dora on an embedding ({', '.join(sorted(embedding_factors))}) is not "
+                               "served (DoRA is served on linear layers)")
     if config.get("use_dora"):
         missing = sorted(set(factors) - set(parts.magnitudes))
         if missing or set(parts.magnitudes) - set(factors):

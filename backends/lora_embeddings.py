@@ -45,6 +45,10 @@ class RowEmbedding(torch.nn.Module):
         self.a = torch.zeros((1, base.num_embeddings, 0), dtype=torch.float32, device=device)
         self.b = torch.zeros((1, 0, base.embedding_dim), dtype=torch.float32, device=device)
 
+    @property
+    def weight(self) -> torch.Tensor:  # what callers of ``get_input_embeddings().weight`` read: the base's
+        return self.base.weight
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         y = self.base(ids)
         rows = self.slots.rows

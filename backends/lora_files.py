@@ -49,7 +49,9 @@ def sort_tensors(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any],
             saved_bases.add(stem)
         else:
             module, _, leaf = name.rpartition(".")
-            if leaf not in ("weight", "bias") or not any(module.endswith(target) for target in to_save):
+            # With ensure_weight_tying peft also saves the tied head's copy, under the head's name.
+            saved = any(module.endswith(target) for target in to_save) or bool(config.get("ensure_weight_tying"))
+            if leaf not in ("weight", "bias") or not saved:
                 raise AdapterLoadError(f"{folder}: unsupported tensor {key} (only LoRA, DoRA and modules_to_save "
                                        "weights are served)")
             parts.modules.setdefault(module, {})[leaf] = tensor

@@ -34,7 +34,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "lora-bias": {"r": 4, "lora_alpha": 8, "lora_bias": True, "target_modules": ["q_proj", "o_proj"]},
     "modules-to-save": {"r": 4, "target_modules": ["q_proj"], "modules_to_save": ["embed_tokens", "lm_head"]},
     "embed-only": {"r": 4, "target_modules": ["v_proj"], "modules_to_save": ["embed_tokens"]},
+    "tied-copy": {"r": 4, "target_modules": ["v_proj"], "modules_to_save": ["embed_tokens"],
+                  "ensure_weight_tying": True},  # on a tied base peft ties lm_head to the copy and saves both
     "embedding-lora": {"r": 4, "lora_alpha": 8, "target_modules": ["embed_tokens", "q_proj"]},
+    "tied-embedding-lora": {"r": 4, "lora_alpha": 8, "target_modules": ["embed_tokens", "q_proj"],
+                           "ensure_weight_tying": True},  # on a tied base: lm_head gets the tied LoRA as well
     "head-lora": {"r": 4, "lora_alpha": 8, "target_modules": ["lm_head", "v_proj"]},
 }
 
@@ -111,7 +115,9 @@ def test_each_row_of_a_mixed_batch_equals_peft(dirs: dict[str, Path], variant: s
     bank.select(rows)
     with torch.inference_mode():
         got = model(input_ids=ids).logits
-    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), (got - expected).abs().amax(dim=(1, 2))
+    # float32 rounding grows with the logits' size (random adapters make some of them ~100): 1e-5 of the largest
+    tolerance = 1e-5 * float(expected.abs().max().clamp(min=1))
+    assert (got - expected).abs().max() <= tolerance, ((got - expected).abs().amax(dim=(1, 2)), tolerance)
     assert not torch.allclose(got[0], base[0], atol=1e-3)  # the variant does something
     bank.select([None, None, "plain", None])  # a batch without the variant's rows: base rows are the base
     with torch.inference_mode():
@@ -192,6 +198,14 @@ def test_what_cannot_be_served_is_refused_with_the_option_named(
     with pytest.raises(AdapterLoadError, match="") as refused:
         read_adapter("x", str(folder))
     assert named in refused.value.message
+
+
+def test_dora_on_an_embedding_is_refused(dirs: dict[str, Path], tmp_path: Path) -> None:
+    peft_model = get_peft_model(_base(dirs), LoraConfig(target_modules=["embed_tokens", "q_proj"], use_dora=True,
+                                                        init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "dora-embedding")
+    with pytest.raises(AdapterLoadError, match="use_dora on an embedding"):
+        read_adapter("x", str(tmp_path / "dora-embedding"))
 
 
 def test_trainable_tokens_are_refused(dirs: dict[str, Path], tmp_path: Path) -> None:
