@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from backends.lora_config import check_config, module_scaling
+from backends.lora_config import check_config, module_scaling, token_indices
 from backends.lora_dora import OutputTerms, dora_factor
 from backends.lora_embeddings import RowHead, TokenModules, check_tokens
 from backends.lora_files import sort_tensors
@@ -42,7 +42,8 @@ class AdapterWeights:
     Optional parts (see ``backends.lora_config``): ``magnitudes`` (DoRA's ``m [out]`` per module), ``biases``
     (``lora_bias``: scaling times LoRA-B's bias ``[out]``), ``modules`` (``modules_to_save``, or an embedding's saved
     ``base_layer``: module path -> its own ``weight`` / ``bias``) and ``embedding_factors`` (LoRA on an embedding:
-    ``(A [r, vocab], B*scaling [dim, r])``).
+    ``(A [r, vocab], B*scaling [dim, r])``) and ``token_rows`` (``trainable_token_indices``: module path ->
+    ``(token ids [k], their rows [k, dim])``).
     """
 
     name: str
@@ -53,6 +54,7 @@ class AdapterWeights:
     biases: dict[str, torch.Tensor] = field(default_factory=dict)
     modules: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     embedding_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    token_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 def read_adapter(name: str, path: str) -> AdapterWeights:
@@ -95,11 +97,18 @@ def read_adapter(name: str, path: str) -> AdapterWeights:
                                    f"no other ({', '.join(missing or sorted(set(parts.magnitudes) - set(factors)))})")
     elif parts.magnitudes:
         raise AdapterLoadError(f"{folder}: lora_magnitude_vector weights but use_dora is not set")
-    if not (factors or embedding_factors or parts.modules):
+    token_rows = {}
+    for module, rows in parts.token_rows.items():
+        ids = token_indices(config, module, str(folder))
+        if rows.dim() != 2 or rows.shape[0] != len(ids):
+            raise AdapterLoadError(f"{folder}: {module} has {tuple(rows.shape)} trainable token rows for {len(ids)} "
+                                   "ids")
+        token_rows[module] = (torch.tensor(ids, dtype=torch.long), rows)
+    if not (factors or embedding_factors or parts.modules or token_rows):
         raise AdapterLoadError(f"{folder} holds no LoRA weights")
     rank = max((a.shape[0] for a, _ in factors.values()), default=0)
     return AdapterWeights(name, str(folder), rank, factors, {k: v.float() for k, v in parts.magnitudes.items()},
-                          biases, parts.modules, embedding_factors)
+                          biases, parts.modules, embedding_factors, token_rows)
 
 
 class RowSlots:

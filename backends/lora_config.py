@@ -3,7 +3,8 @@ backend: which options it serves, which it refuses (and why), and each module's 
 
 Served: ``use_rslora`` (scaling ``alpha / sqrt(r)``), ``rank_pattern`` / ``alpha_pattern`` (matched exactly as
 peft's ``get_pattern_key`` does), ``use_dora``, ``lora_bias``, ``modules_to_save`` (input embedding and output head
-only; checked at install), LoRA on embeddings, ``fan_in_fan_out`` (peft ignores it on ``nn.Linear``, the only layer
+only; checked at install), ``trainable_token_indices`` (new rows for some tokens of the embedding and of a tied or
+named head), LoRA on embeddings, ``fan_in_fan_out`` (peft ignores it on ``nn.Linear``, the only layer
 we adapt), and every initialisation that leaves the base weights as they were (``True``, ``False``, ``gaussian``,
 ``eva``, ``orthogonal``, ``mica``, and PiSSA / CorDA / OLoRA adapters *converted* to plain LoRA, which peft saves
 with ``init_lora_weights: true``). Options that only steer training (dropout, ``layers_to_transform``,
@@ -21,7 +22,6 @@ from gateway.errors import AdapterLoadError
 # Options whose inference math we do not reproduce, with the reason the refusal gives.
 _REFUSED = {
     "layer_replication": "it builds a model with repeated layers that the served base does not have",
-    "trainable_token_indices": "trainable token rows are not served per row (use modules_to_save on the embedding)",
     "alora_invocation_tokens": "activated LoRA (aLoRA) applies the adapter only after its invocation tokens",
     "use_qalora": "QA-LoRA pools inputs for a GPTQ-quantised base",
     "arrow_config": "Arrow routes between several adapters per token",
@@ -55,6 +55,16 @@ def check_config(config: Mapping[str, Any], folder: str) -> None:
                         "pissa_convert, peft's path_initial_model_for_weight_conversion — or export a merged model)")
     if problems:
         raise AdapterLoadError(f"{folder}: the native backend does not serve " + "; ".join(problems))
+
+
+def token_indices(config: Mapping[str, Any], module: str, folder: str) -> list[int]:
+    """The token ids ``trainable_token_indices`` gives ``module`` (a list: the input embedding's; a dict: by name)."""
+    indices = config.get("trainable_token_indices")
+    if isinstance(indices, dict):
+        indices = next((v for k, v in indices.items() if module == k or module.endswith(f".{k}")), None)
+    if not isinstance(indices, list) or not all(isinstance(i, int) for i in indices):
+        raise AdapterLoadError(f"{folder}: trainable_token_indices gives {module} no list of token ids")
+    return indices
 
 
 def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:

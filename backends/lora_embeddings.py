@@ -9,6 +9,10 @@ a saved ``embed_tokens`` changes the input only, a saved ``lm_head`` the output 
 trained). An adapter whose saved embedding or head has a different number of rows than the base (a vocabulary
 resized beyond the base's) is refused: its rows would need logits of another width than the batch's.
 
+``trainable_token_indices`` (peft's trainable tokens) gives some token ids new rows: a row of that adapter looks
+those ids up in them, and its logits for those ids come from them when the head is tied to the embedding (peft ties
+them unless told otherwise) or has rows of its own; nothing else is copied.
+
 LoRA on an embedding (``lora_embedding_A [r, vocab]``, ``lora_embedding_B [dim, r]``) is stacked per slot like a
 ``LoraLinear``'s factors: ``y = embed(ids) + bmm(A[slot of row][ids], B[slot of row]·s)``, in float32. When peft
 saved the embedding's ``base_layer.weight`` with it and that differs from the served base's, it is used like a
@@ -41,6 +45,7 @@ class RowEmbedding(torch.nn.Module):
         self.base = base
         self.slots = slots
         self.own: dict[int, torch.Tensor] = {}
+        self.tokens: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> (row of each id or -1, rows)
         device = base.weight.device
         self.a = torch.zeros((1, base.num_embeddings, 0), dtype=torch.float32, device=device)
         self.b = torch.zeros((1, 0, base.embedding_dim), dtype=torch.float32, device=device)
@@ -58,6 +63,12 @@ class RowEmbedding(torch.nn.Module):
             picked = _rows_of(self.slots.slots, slot, ids.device)
             if picked is not None:  # the module's own forward (scaled embeddings scale), with the slot's weight
                 y[picked] = functional_call(self.base, {"weight": weight}, (ids[picked],))
+        for slot, (where, rows_of_ids) in self.tokens.items():
+            picked = _rows_of(self.slots.slots, slot, ids.device)
+            if picked is not None:  # the module's own forward over the new rows, put where those ids are
+                position = where[ids[picked]]
+                new = functional_call(self.base, {"weight": rows_of_ids}, (position.clamp(min=0),))
+                y[picked] = torch.where((position >= 0).unsqueeze(-1), new, y[picked])
         if self.a.shape[2]:
             looked_up = self.a[rows.view(-1, *([1] * (ids.dim() - 1))), ids]  # [batch, seq, rank]
             delta = torch.bmm(looked_up.view(rows.shape[0], -1, self.a.shape[2]), self.b.index_select(0, rows))
@@ -75,8 +86,15 @@ class RowEmbedding(torch.nn.Module):
         b[:old_slots, :old_rank] = self.b
         self.a, self.b = a, b
 
-    def write(self, slot: int, weight: torch.Tensor | None, factors: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    def write(self, slot: int, weight: torch.Tensor | None, factors: tuple[torch.Tensor, torch.Tensor] | None,
+              tokens: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self.own.pop(slot, None)
+        self.tokens.pop(slot, None)
+        if tokens is not None:
+            ids, rows = tokens
+            where = torch.full((self.base.num_embeddings,), -1, dtype=torch.long, device=self.base.weight.device)
+            where[ids.to(where.device)] = torch.arange(len(ids), device=where.device)
+            self.tokens[slot] = (where, rows.to(self.base.weight.device, self.base.weight.dtype))
         if weight is not None:
             self.own[slot] = weight.to(self.base.weight.dtype).to(self.base.weight.device)
         self.a[slot].zero_()
@@ -95,6 +113,7 @@ class RowHead(torch.nn.Module):
         self.base = base
         self.slots = slots
         self.own: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.tokens: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> (token ids, their rows)
 
     @property
     def weight(self) -> torch.Tensor:  # what callers of ``get_output_embeddings().weight`` read (its shape)
@@ -108,7 +127,19 @@ class RowHead(torch.nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         slots = self.slots.slots
-        owned = {s for s in slots if s in self.own} if self.slots.rows is not None else set()
+        if self.slots.rows is None:
+            return self.base(hidden)
+        out = self._logits(hidden, slots)
+        for slot in {s for s in slots if s in self.tokens}:  # peft: F.linear with those rows swapped in, no bias
+            picked = _rows_of(slots, slot, hidden.device)
+            ids, rows = self.tokens[slot]
+            part = out[picked]
+            part[..., ids] = torch.nn.functional.linear(hidden[picked], rows)
+            out[picked] = part
+        return out
+
+    def _logits(self, hidden: torch.Tensor, slots: list[int]) -> torch.Tensor:
+        owned = {s for s in slots if s in self.own}
         if not owned:
             return self.base(hidden)
         weight = self.linear.weight
@@ -137,8 +168,13 @@ class RowHead(torch.nn.Module):
             self.slots.rows, self.slots.slots = saved[0], saved[1]
             self.slots.version += 1
 
-    def write(self, slot: int, weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
+    def write(self, slot: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+              tokens: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self.own.pop(slot, None)
+        self.tokens.pop(slot, None)
+        if tokens is not None:
+            device, dtype = self.linear.weight.device, self.linear.weight.dtype
+            self.tokens[slot] = (tokens[0].to(device), tokens[1].to(device, dtype))
         if weight is not None:
             base = self.linear.weight
             self.own[slot] = (weight.to(base.dtype).to(base.device),
@@ -164,6 +200,16 @@ def check_tokens(weights: AdapterWeights, model: torch.nn.Module) -> None:
         if path in weights.factors and not _same(weight, reference):
             raise AdapterLoadError(f"{weights.path}: the adapter's saved base weight of {path} differs from the "
                                    "served base's (LoRA on it needs that base)")
+    for path, (ids, rows) in weights.token_rows.items():
+        if path not in (input_path, output_path):
+            raise AdapterLoadError(f"{weights.path}: trainable_token_indices on {path}: only the input embedding and "
+                                   "the output head are served")
+        reference = _weight_of(model, path)
+        if rows.shape[1] != reference.shape[1] or int(ids.max()) >= reference.shape[0] or int(ids.min()) < 0:
+            raise AdapterLoadError(f"{weights.path}: trainable tokens of {path} do not fit its "
+                                   f"{tuple(reference.shape)}")
+        if path == output_path and getattr(_plain(model.get_submodule(path)), "bias", None) is not None:
+            raise AdapterLoadError(f"{weights.path}: trainable tokens on a head with a bias are not served")
     for path, (a, b) in weights.embedding_factors.items():
         if path != input_path:
             raise AdapterLoadError(f"{weights.path}: {path} has embedding LoRA but is not the model's input embedding")
@@ -215,18 +261,23 @@ class TokenModules:
         if own_input is not None and _same(own_input, self._weight(input_path)):
             own_input = None  # the embedding's base_layer saved as the base has it: nothing of its own
         factors = weights.embedding_factors.get(input_path or "")
-        if self.embedding is None and (own_input is not None or factors is not None) and input_path is not None:
+        tokens = weights.token_rows.get(input_path or "")
+        if self.embedding is None and input_path is not None and (own_input, factors, tokens) != (None, None, None):
             self.embedding = self._wrap(input_path, RowEmbedding)  # type: ignore[assignment]
         if self.embedding is not None:
             self.embedding.reserve(capacity, 0 if factors is None else factors[0].shape[0])
-            self.embedding.write(slot, own_input, factors)
+            self.embedding.write(slot, own_input, factors, tokens)
+        head_tokens = weights.token_rows.get(output_path or "")
+        if head_tokens is None and tokens is not None and output_path is not None and input_path is not None \
+                and self._weight(output_path) is self._weight(input_path):
+            head_tokens = tokens  # a head tied to the embedding shares its trainable tokens (as peft ties them)
         head = weights.modules.get(output_path or "", {})
         if "weight" in head and "bias" not in head and _same(head["weight"], self._weight(output_path)):
             head = {}  # a saved base_layer (LoRA on the head) or an untrained copy: the base's own
-        if self.head is None and head and output_path is not None:
+        if self.head is None and (head or head_tokens is not None) and output_path is not None:
             self.head = self._wrap(output_path, RowHead)  # type: ignore[assignment]
         if self.head is not None:
-            self.head.write(slot, head.get("weight"), head.get("bias"))
+            self.head.write(slot, head.get("weight"), head.get("bias"), head_tokens)
 
     def clear(self, slot: int) -> None:
         if self.embedding is not None:

@@ -4,6 +4,7 @@
     base_model.model.<module>.lora_magnitude_vector                           DoRA magnitude
     base_model.model.<module>.lora_embedding_A / lora_embedding_B              LoRA on an embedding
     base_model.model.<module>.base_layer.weight                                an embedding's saved base weight
+    base_model.model.<module>.token_adapter.trainable_tokens_delta             trainable_token_indices rows
     base_model.model.<module>.weight / .bias                                   modules_to_save (whole module)
 """
 
@@ -28,6 +29,7 @@ class CheckpointParts:
     embedding: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     magnitudes: dict[str, torch.Tensor] = field(default_factory=dict)
     modules: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    token_rows: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def sort_tensors(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], folder: str) -> CheckpointParts:
@@ -44,6 +46,8 @@ def sort_tensors(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any],
             parts.embedding.setdefault(stem, {})[_EMBEDDING[kind]] = tensor
         elif kind in _MAGNITUDE:
             parts.magnitudes[stem] = tensor
+        elif kind == "token_adapter.trainable_tokens_delta":
+            parts.token_rows[stem] = tensor
         elif kind == "base_layer.weight":  # peft saves it with LoRA on an (input or output) embedding
             parts.modules.setdefault(stem, {})["weight"] = tensor
             saved_bases.add(stem)
@@ -63,7 +67,7 @@ def sort_tensors(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any],
 
 def _split(name: str) -> tuple[str, str]:
     """``(module path, kind)``: the kind is what follows the module path (``lora_A.weight`` ...), else ``""``."""
-    for marker in (".lora_", ".base_layer."):
+    for marker in (".lora_", ".base_layer.", ".token_adapter."):
         stem, found, tail = name.rpartition(marker)
         if found:
             return stem, found[1:] + tail

@@ -39,6 +39,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "embedding-lora": {"r": 4, "lora_alpha": 8, "target_modules": ["embed_tokens", "q_proj"]},
     "tied-embedding-lora": {"r": 4, "lora_alpha": 8, "target_modules": ["embed_tokens", "q_proj"],
                            "ensure_weight_tying": True},  # on a tied base: lm_head gets the tied LoRA as well
+    "tokens": {"r": 4, "target_modules": ["q_proj"], "trainable_token_indices": [3, 5, 17]},  # a tied head shares
+    "tokens-by-layer": {"r": 4, "target_modules": ["q_proj"],
+                        "trainable_token_indices": {"embed_tokens": [3, 5], "lm_head": [5, 9]}},
     "head-lora": {"r": 4, "lora_alpha": 8, "target_modules": ["lm_head", "v_proj"]},
 }
 
@@ -61,7 +64,8 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if "modules_to_save" in name or "lora_magnitude_vector" in name or "lora_B" in name and "bias" in name:
+            if "modules_to_save" in name or "lora_magnitude_vector" in name or "lora_B" in name and "bias" in name \
+                    or "trainable_tokens_delta" in name:
                 parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
 
 
@@ -103,6 +107,7 @@ def _peft_rows(dirs: dict[str, Path], rows: list[str | None], ids: torch.Tensor)
 @pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "plain"])
 def test_each_row_of_a_mixed_batch_equals_peft(dirs: dict[str, Path], variant: str) -> None:
     ids = torch.randint(0, VOCAB, (4, 7), generator=torch.Generator().manual_seed(3))
+    ids[:, 1:4] = torch.tensor([3, 5, 17])  # the trainable tokens' ids
     rows: list[str | None] = [variant, None, "plain", variant]
     expected = _peft_rows(dirs, rows, ids)
 
@@ -151,9 +156,9 @@ async def _tokens(backend: TorchBackend, prompt: list[int], adapter: str | None)
 
 
 async def test_engine_greedy_tokens_equal_peft_generate_in_one_mixed_batch(dirs: dict[str, Path]) -> None:
-    names = ["dora", "modules-to-save", "embedding-lora", "plain"]
+    names = ["dora", "modules-to-save", "embedding-lora", "tokens", "plain"]
     prompts = {None: [5, 6, 7, 8], "dora": [9, 10, 11], "modules-to-save": [12, 13, 14, 15, 16],
-               "embedding-lora": [17, 18], "plain": [19, 20, 21]}
+               "embedding-lora": [17, 18], "tokens": [3, 5, 17, 4], "plain": [19, 20, 21]}
     expected = {}
     for adapter, prompt in prompts.items():
         model = _base(dirs) if adapter is None else PeftModel.from_pretrained(_base(dirs), dirs[adapter]).eval()
@@ -206,15 +211,6 @@ def test_dora_on_an_embedding_is_refused(dirs: dict[str, Path], tmp_path: Path) 
     peft_model.save_pretrained(tmp_path / "dora-embedding")
     with pytest.raises(AdapterLoadError, match="use_dora on an embedding"):
         read_adapter("x", str(tmp_path / "dora-embedding"))
-
-
-def test_trainable_tokens_are_refused(dirs: dict[str, Path], tmp_path: Path) -> None:
-    cls = type(_base(dirs))
-    peft_model = get_peft_model(cls.from_pretrained(dirs["base"]),
-                                LoraConfig(target_modules=["q_proj"], trainable_token_indices=[3, 4]))
-    peft_model.save_pretrained(tmp_path / "tokens")
-    with pytest.raises(AdapterLoadError, match="trainable_token_indices"):
-        read_adapter("x", str(tmp_path / "tokens"))
 
 
 def test_a_resized_vocabulary_is_refused_at_install_and_nothing_changes(dirs: dict[str, Path],
