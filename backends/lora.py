@@ -22,26 +22,39 @@ steps. ``read_adapter`` (file reading and checks) may run on any thread.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from backends.lora_config import check_config, module_scaling, token_indices
+from backends.lora_dora import OutputTerms, dora_factor
+from backends.lora_embeddings import RowHead, TokenModules, check_tokens
+from backends.lora_files import sort_tensors
 from gateway.errors import AdapterLoadError
-
-_UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out", "modules_to_save", "rank_pattern", "alpha_pattern",
-                "layer_replication", "trainable_token_indices")
 
 
 @dataclass(frozen=True)
 class AdapterWeights:
-    """An adapter read from disk: ``module path -> (A [r, in], B*scaling [out, r])``, in float32."""
+    """An adapter read from disk: ``module path -> (A [r, in], B*scaling [out, r])``, in float32.
+
+    Optional parts (see ``backends.lora_config``): ``magnitudes`` (DoRA's ``m [out]`` per module), ``biases``
+    (``lora_bias``: scaling times LoRA-B's bias ``[out]``), ``modules`` (``modules_to_save``, or an embedding's saved
+    ``base_layer``: module path -> its own ``weight`` / ``bias``) and ``embedding_factors`` (LoRA on an embedding:
+    ``(A [r, vocab], B*scaling [dim, r])``) and ``token_rows`` (``trainable_token_indices``: module path ->
+    ``(token ids [k], their rows [k, dim])``).
+    """
 
     name: str
     path: str
     rank: int
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    magnitudes: dict[str, torch.Tensor] = field(default_factory=dict)
+    biases: dict[str, torch.Tensor] = field(default_factory=dict)
+    modules: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    embedding_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    token_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 def read_adapter(name: str, path: str) -> AdapterWeights:
@@ -51,12 +64,7 @@ def read_adapter(name: str, path: str) -> AdapterWeights:
         config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise AdapterLoadError(f"cannot read {folder}/adapter_config.json: {exc}") from exc
-    used = [key for key in _UNSUPPORTED if config.get(key)]
-    if used:
-        raise AdapterLoadError(f"{folder}: the native backend does not support {', '.join(used)} in LoRA adapters")
-    rank = int(config.get("r") or 0)
-    alpha = float(config.get("lora_alpha") or rank)
-    scaling = alpha / (rank**0.5 if config.get("use_rslora") else rank) if rank else 0.0
+    check_config(config, str(folder))
     try:
         if (folder / "adapter_model.safetensors").is_file():
             tensors = load_file(str(folder / "adapter_model.safetensors"))
@@ -64,21 +72,43 @@ def read_adapter(name: str, path: str) -> AdapterWeights:
             tensors = torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or truncated files raise many types
         raise AdapterLoadError(f"cannot read the weights in {folder}: {exc}") from exc
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        stem, _, tail = key.removeprefix("base_model.model.").rpartition(".lora_")
-        factor = tail.split(".", 1)[0]
-        if factor not in ("A", "B") or not tail.endswith("weight"):
-            raise AdapterLoadError(f"{folder}: unsupported tensor {key} (only LoRA on linear layers is served)")
-        parts.setdefault(stem, {})[factor] = tensor
-    factors = {}
-    for module, pair in parts.items():
-        if set(pair) != {"A", "B"} or pair["A"].dim() != 2 or pair["A"].shape[0] != pair["B"].shape[1]:
+    parts = sort_tensors(tensors, config, str(folder))
+    factors, embedding_factors, biases = {}, {}, {}
+    for module, pair in parts.linear.items():
+        if set(pair) - {"A", "B", "B.bias"} or {"A", "B"} - set(pair) or pair["A"].dim() != 2 \
+                or pair["A"].shape[0] != pair["B"].shape[1]:
             raise AdapterLoadError(f"{folder}: {module} needs a lora_A [r, in] and a lora_B [out, r]")
+        scaling = module_scaling(config, module, pair["A"].shape[0], str(folder))
         factors[module] = (pair["A"].float(), pair["B"].float() * scaling)
-    if not factors:
+        if "B.bias" in pair:
+            biases[module] = pair["B.bias"].float() * scaling
+    for module, pair in parts.embedding.items():
+        if set(pair) != {"A", "B"} or pair["A"].dim() != 2 or pair["A"].shape[0] != pair["B"].shape[1]:
+            raise AdapterLoadError(f"{folder}: {module} needs a lora_embedding_A [r, vocab] and a lora_embedding_B")
+        scaling = module_scaling(config, module, pair["A"].shape[0], str(folder))
+        embedding_factors[module] = (pair["A"].float(), pair["B"].float() * scaling)
+    if set(parts.magnitudes) & set(embedding_factors):
+        raise AdapterLoadError(f"{folder}: use_dora on an embedding ({', '.join(sorted(embedding_factors))}) is not "
+                               "served (DoRA is served on linear layers)")
+    if config.get("use_dora"):
+        missing = sorted(set(factors) - set(parts.magnitudes))
+        if missing or set(parts.magnitudes) - set(factors):
+            raise AdapterLoadError(f"{folder}: use_dora needs a lora_magnitude_vector for every LoRA linear layer and "
+                                   f"no other ({', '.join(missing or sorted(set(parts.magnitudes) - set(factors)))})")
+    elif parts.magnitudes:
+        raise AdapterLoadError(f"{folder}: lora_magnitude_vector weights but use_dora is not set")
+    token_rows = {}
+    for module, rows in parts.token_rows.items():
+        ids = token_indices(config, module, str(folder))
+        if rows.dim() != 2 or rows.shape[0] != len(ids):
+            raise AdapterLoadError(f"{folder}: {module} has {tuple(rows.shape)} trainable token rows for {len(ids)} "
+                                   "ids")
+        token_rows[module] = (torch.tensor(ids, dtype=torch.long), rows)
+    if not (factors or embedding_factors or parts.modules or token_rows):
         raise AdapterLoadError(f"{folder} holds no LoRA weights")
-    return AdapterWeights(name, str(folder), max(a.shape[0] for a, _ in factors.values()), factors)
+    rank = max((a.shape[0] for a, _ in factors.values()), default=0)
+    return AdapterWeights(name, str(folder), rank, factors, {k: v.float() for k, v in parts.magnitudes.items()},
+                          biases, parts.modules, embedding_factors, token_rows)
 
 
 class RowSlots:
@@ -90,6 +120,7 @@ class RowSlots:
 
     def __init__(self) -> None:
         self.rows: torch.Tensor | None = None  # None: every row is on the base
+        self.slots: list[int] = []  # the same, as a list (which slots a batch uses, without a device sync)
         self.version = 0
         self.keep_gathers = False
 
@@ -109,11 +140,12 @@ class LoraLinear(torch.nn.Module):
         self.a = torch.zeros((1, base.in_features, 0), dtype=torch.float32, device=device)
         self.b = torch.zeros((1, 0, base.out_features), dtype=torch.float32, device=device)
         self._gathered: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (version, a[rows], b[rows])
+        self.terms = OutputTerms(base.out_features, device)  # DoRA / lora_bias slots (backends.lora_dora)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         rows = self.slots.rows
-        if rows is None or self.a.shape[2] == 0:
+        if rows is None or (self.a.shape[2] == 0 and not self.terms.active):
             return y
         if self._gathered is not None and self._gathered[0] == self.slots.version:
             _, a, b = self._gathered
@@ -121,6 +153,8 @@ class LoraLinear(torch.nn.Module):
             a = self.a.index_select(0, rows)  # [batch, in, rank]
             b = self.b.index_select(0, rows)  # [batch, rank, out]
             self._gathered = (self.slots.version, a, b) if self.slots.keep_gathers else None
+        if self.terms.active:
+            y = self.terms.apply(y, rows, self.slots.slots, self.base.bias)
         return y.add_(torch.bmm(torch.bmm(x.float(), a), b))  # y is this call's own fresh output
 
     @property
@@ -139,9 +173,11 @@ class LoraLinear(torch.nn.Module):
         a[:old_slots, :, :old_rank] = self.a
         b[:old_slots, :old_rank] = self.b
         self.a, self.b = a, b
+        self.terms.reserve(slots)
 
     def write(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
         """Put one adapter's factors (``a [r, in]``, ``b [out, r]``) in ``slot``; zeros when ``None``."""
+        self.terms.write(slot, None, None)
         self.a[slot].zero_()
         self.b[slot].zero_()
         if a is not None and b is not None:
@@ -164,6 +200,7 @@ class LoraBank:
         self._layers: dict[str, LoraLinear] = {}
         self._slot_of: dict[str, int] = {}  # adapter name -> slot (>= 1)
         self._capacity = 1
+        self._tokens = TokenModules(model, self._slots)
 
     @property
     def names(self) -> list[str]:
@@ -176,10 +213,11 @@ class LoraBank:
             return
         self._last = slots
         self._slots.version += 1
+        self._slots.slots = slots
         if not any(slots):
             self._slots.rows = None
         else:
-            device = next(iter(self._layers.values())).a.device
+            device = next(self.model.parameters()).device
             self._slots.rows = torch.tensor(slots, dtype=torch.long, device=device)
             row_bytes = sum(layer.row_bytes for layer in self._layers.values())
             self._slots.keep_gathers = len(slots) * row_bytes <= self.gather_budget
@@ -189,12 +227,17 @@ class LoraBank:
         modules = dict(self.model.named_modules())
         for path, (a, b) in weights.factors.items():
             layer = self._layers.get(path) or modules.get(path)
-            linear = layer.base if isinstance(layer, LoraLinear) else layer
+            linear = layer.base if isinstance(layer, LoraLinear | RowHead) else layer
             if not isinstance(linear, torch.nn.Linear):
                 raise AdapterLoadError(f"{weights.path}: {path} is not a linear layer of the served model")
             if a.shape[1] != linear.in_features or b.shape[0] != linear.out_features:
                 raise AdapterLoadError(f"{weights.path}: {path} is {linear.out_features}x{linear.in_features}, the "
                                        f"adapter's factors are {tuple(a.shape)} and {tuple(b.shape)}")
+            for extra in (weights.magnitudes.get(path), weights.biases.get(path)):
+                if extra is not None and tuple(extra.shape) != (linear.out_features,):
+                    raise AdapterLoadError(f"{weights.path}: {path} has {linear.out_features} outputs, the adapter's "
+                                           f"DoRA magnitude / LoRA bias has shape {tuple(extra.shape)}")
+        check_tokens(weights, self.model)
         for path in weights.factors:
             if path not in self._layers:
                 self._wrap(path)
@@ -202,7 +245,15 @@ class LoraBank:
         for path, layer in self._layers.items():
             layer.reserve(self._capacity, weights.rank)
             pair = weights.factors.get(path)
-            layer.write(slot, *(pair if pair is not None else (None, None)))
+            if pair is None:
+                layer.write(slot, None, None)
+                continue
+            a, b = pair
+            magnitude = weights.magnitudes.get(path)
+            factor = None if magnitude is None else dora_factor(layer.base.weight, a, b, magnitude)
+            layer.write(slot, a, b if factor is None else b * factor.unsqueeze(1))
+            layer.terms.write(slot, None if factor is None else factor - 1, weights.biases.get(path))
+        self._tokens.install(slot, weights, self._capacity)
         self._slot_of[weights.name] = slot
         self._changed()
 
@@ -211,6 +262,7 @@ class LoraBank:
         if slot is not None:
             for layer in self._layers.values():
                 layer.write(slot, None, None)
+            self._tokens.clear(slot)
             self._changed()
 
     def _changed(self) -> None:
@@ -228,6 +280,8 @@ class LoraBank:
     def _wrap(self, path: str) -> None:
         parent_path, _, child = path.rpartition(".")
         parent = self.model.get_submodule(parent_path) if parent_path else self.model
+        if isinstance(getattr(parent, child), RowHead):  # an output head with per-row own weights: LoRA goes inside
+            parent, child = getattr(parent, child), "base"
         layer = LoraLinear(getattr(parent, child), self._slots)
         layer.reserve(self._capacity, 0)
         setattr(parent, child, layer)

@@ -1,5 +1,6 @@
-"""One configured adapter the backend cannot serve (DoRA) does not stop the server: the rest are served, the refused
-one is listed with its reason, and requests for it get a 422 that says why — in-process and on a real server."""
+"""One configured adapter the backend cannot serve (layer_replication) does not stop the server: the rest are
+served, the refused one is listed with its reason, and requests for it get a 422 that says why — in-process and on a
+real server."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ HELLO = [{"role": "user", "content": "你好，你是谁？"}]
 
 
 class CheckingBackend:
-    """Answers nothing but checks adapter folders with the native backend's real reader (which refuses DoRA)."""
+    """Answers nothing but checks adapter folders with the native backend's real reader (it refuses
+    layer_replication)."""
 
     capabilities = Capabilities(runtime_adapters=True)
 
@@ -47,19 +49,20 @@ class CheckingBackend:
 
 
 @pytest.fixture(scope="module")
-def dora(demo_models: DemoModels, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """pku-assistant's folder with ``use_dora: true`` in its adapter_config.json."""
-    folder = tmp_path_factory.mktemp("adapters") / "dora"
+def replicated(demo_models: DemoModels, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """pku-assistant's folder with ``layer_replication`` in its adapter_config.json (a model with repeated layers)."""
+    folder = tmp_path_factory.mktemp("adapters") / "rep"
     shutil.copytree(demo_models.adapters["pku-assistant"], folder)
     config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    (folder / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}), encoding="utf-8")
+    changed = {**config, "layer_replication": [[0, 2], [1, 2]]}
+    (folder / "adapter_config.json").write_text(json.dumps(changed), encoding="utf-8")
     return folder
 
 
 async def test_in_process_the_rest_is_served_and_the_refused_one_says_why(
-        demo_models: DemoModels, dora: Path, caplog: pytest.LogCaptureFixture) -> None:
+        demo_models: DemoModels, replicated: Path, caplog: pytest.LogCaptureFixture) -> None:
     config = Settings(model=str(demo_models.base_dir), served_model_name="tiny-qwen", template="qwen", adapters=(
-        AdapterConfig(name="dora", path=str(dora)),
+        AdapterConfig(name="rep", path=str(replicated)),
         AdapterConfig(name="pku-assistant", path=str(demo_models.adapters["pku-assistant"])),
     ))
     backend = CheckingBackend()
@@ -69,31 +72,32 @@ async def test_in_process_the_rest_is_served_and_the_refused_one_says_why(
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
                 assert backend.loaded == {"pku-assistant"}
                 models = {m["id"]: m for m in (await client.get("/v1/models")).json()["data"]}
-                assert models["dora"]["state"] == "refused" and "use_dora" in models["dora"]["reason"]
+                assert models["rep"]["state"] == "refused" and "layer_replication" in models["rep"]["reason"]
                 assert models["pku-assistant"]["state"] == "available" and models["pku-assistant"]["reason"] is None
                 listed = {a["id"]: a for a in (await client.get("/v1/adapters")).json()["data"]}
-                assert listed["dora"]["state"] == "refused" and "use_dora" in listed["dora"]["reason"]
+                assert listed["rep"]["state"] == "refused" and "layer_replication" in listed["rep"]["reason"]
                 assert listed["pku-assistant"]["state"] == "loaded"
-                refused = await client.post("/v1/chat/completions", json={"model": "dora", "messages": HELLO})
+                refused = await client.post("/v1/chat/completions", json={"model": "rep", "messages": HELLO})
                 assert refused.status_code == 422
                 error = refused.json()["error"]
                 assert error["code"] == "adapter_refused" and error["param"] == "model"
-                assert "use_dora" in error["message"]
+                assert "layer_replication" in error["message"]
                 served = await client.post("/v1/chat/completions", json={"model": "pku-assistant", "messages": HELLO})
                 assert served.status_code == 200
-    lines = [r.getMessage() for r in caplog.records if "dora" in r.getMessage()]
-    assert len(lines) == 1 and "use_dora" in lines[0] and not any(r.exc_info for r in caplog.records)
+    lines = [r.getMessage() for r in caplog.records if "rep" in r.getMessage()]
+    assert len(lines) == 1 and "layer_replication" in lines[0] and not any(r.exc_info for r in caplog.records)
 
 
-def test_a_real_server_starts_and_refuses_only_the_dora_adapter(demo_models: DemoModels, demo_cache_home: Path,
-                                                                 dora: Path) -> None:
+def test_a_real_server_starts_and_refuses_only_the_replicated_adapter(demo_models: DemoModels, demo_cache_home: Path,
+                                                                 replicated: Path) -> None:
     from tests.servers import running_gateway
 
-    with running_gateway(["--demo", "--adapter", f"dora={dora}"], env={"XDG_CACHE_HOME": str(demo_cache_home)}) as url:
+    env = {"XDG_CACHE_HOME": str(demo_cache_home)}
+    with running_gateway(["--demo", "--adapter", f"rep={replicated}"], env=env) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         models = {m.id: m.model_dump() for m in client.models.list()}
-        assert models["dora"]["state"] == "refused" and "use_dora" in models["dora"]["reason"]
-        with pytest.raises(openai.UnprocessableEntityError, match="use_dora"):
-            client.chat.completions.create(model="dora", messages=HELLO, max_tokens=4)  # type: ignore[arg-type]
+        assert models["rep"]["state"] == "refused" and "layer_replication" in models["rep"]["reason"]
+        with pytest.raises(openai.UnprocessableEntityError, match="layer_replication"):
+            client.chat.completions.create(model="rep", messages=HELLO, max_tokens=4)  # type: ignore[arg-type]
         answer = client.chat.completions.create(model="pku-assistant", messages=HELLO, max_tokens=8, temperature=0)
         assert answer.choices[0].message.content
