@@ -13,7 +13,14 @@ from typing import Any
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from backends.base import GenerationRequest, SamplingParams
 from backends.lora import LoraBank, read_adapter
@@ -69,26 +76,38 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
                 parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
 
 
-@pytest.fixture(scope="module", params=["qwen2", "llama"])
-def dirs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp(request.param)
+def _gemma3() -> Gemma3ForCausalLM:  # a scaled embedding (embed_scale in its forward), tied
+    return Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                              head_dim=16, initializer_range=0.2, eos_token_id=VOCAB - 1))
+
+
+_MODELS = {"qwen2": _qwen2, "llama": _llama, "gemma3": _gemma3}
+
+
+def _save(root: Path, kind: str, variants: list[str]) -> dict[str, Path]:
     torch.manual_seed(0)
-    (_qwen2 if request.param == "qwen2" else _llama)().save_pretrained(root / "base")
-    out = {"base": root / "base"}
-    cls = Qwen2ForCausalLM if request.param == "qwen2" else LlamaForCausalLM
-    for index, (name, options) in enumerate(VARIANTS.items()):
+    base_model = _MODELS[kind]()
+    base_model.save_pretrained(root / "base")
+    out = {"base": root / "base", "class": Path(type(base_model).__name__)}
+    for index, name in enumerate(variants):
         torch.manual_seed(10 + index)
-        peft_model = get_peft_model(cls.from_pretrained(root / "base"), LoraConfig(init_lora_weights=False, **options))
+        base = type(base_model).from_pretrained(root / "base")
+        peft_model = get_peft_model(base, LoraConfig(init_lora_weights=False, **VARIANTS[name]))
         _perturb(peft_model, index)
         peft_model.save_pretrained(root / name)
         out[name] = root / name
-    out["class"] = Path(cls.__name__)
     return out
 
 
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def dirs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return _save(tmp_path_factory.mktemp(request.param), request.param, list(VARIANTS))
+
+
 def _base(dirs: dict[str, Path]) -> torch.nn.Module:
-    cls = Qwen2ForCausalLM if str(dirs["class"]) == "Qwen2ForCausalLM" else LlamaForCausalLM
-    return cls.from_pretrained(dirs["base"]).eval()
+    classes = {cls.__name__: cls for cls in (Qwen2ForCausalLM, LlamaForCausalLM, Gemma3ForCausalLM)}
+    return classes[str(dirs["class"])].from_pretrained(dirs["base"]).eval()
 
 
 def _peft_rows(dirs: dict[str, Path], rows: list[str | None], ids: torch.Tensor) -> torch.Tensor:
@@ -133,6 +152,40 @@ def test_each_row_of_a_mixed_batch_equals_peft(dirs: dict[str, Path], variant: s
     with torch.inference_mode():
         after = model(input_ids=ids).logits
     assert torch.allclose(after[[0, 2, 3]], base[[0, 2, 3]], atol=1e-6)
+
+
+def test_a_scaled_embedding_scales_embedding_lora_and_trainable_tokens_as_peft(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    names = ["embedding-lora", "tokens", "embed-only", "plain"]
+    dirs = _save(tmp_path_factory.mktemp("gemma3"), "gemma3", names)
+    ids = torch.randint(0, VOCAB, (5, 6), generator=torch.Generator().manual_seed(5))
+    ids[:, 1:4] = torch.tensor([3, 5, 17])
+    rows: list[str | None] = ["embedding-lora", "tokens", None, "embed-only", "plain"]
+    expected = _peft_rows(dirs, rows, ids)
+    model = _base(dirs)
+    bank = LoraBank(model)
+    for name in names:
+        bank.install(read_adapter(name, str(dirs[name])))
+    bank.select(rows)
+    with torch.inference_mode():
+        got = model(input_ids=ids).logits
+    assert (got - expected).abs().max() <= 1e-5 * float(expected.abs().max().clamp(min=1))
+
+
+@pytest.mark.parametrize("order", [["head-lora", "modules-to-save"], ["modules-to-save", "head-lora"]])
+def test_lora_on_the_head_and_own_heads_share_a_batch(dirs: dict[str, Path], order: list[str]) -> None:
+    ids = torch.randint(0, VOCAB, (4, 5), generator=torch.Generator().manual_seed(6))
+    rows: list[str | None] = ["modules-to-save", "head-lora", None, "head-lora"]
+    expected = _peft_rows(dirs, rows, ids)
+    model = _base(dirs)
+    bank = LoraBank(model)
+    for name in order:
+        bank.install(read_adapter(name, str(dirs[name])))
+    for _ in range(2):  # the second pass may reuse gathered factors
+        bank.select(rows)
+        with torch.inference_mode():
+            got = model(input_ids=ids).logits
+        assert (got - expected).abs().max() <= 1e-5 * float(expected.abs().max().clamp(min=1))
 
 
 def test_rslora_scaling_is_alpha_over_the_square_root_of_r(dirs: dict[str, Path]) -> None:
