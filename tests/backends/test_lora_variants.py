@@ -258,6 +258,31 @@ def test_what_cannot_be_served_is_refused_with_the_option_named(
     assert named in refused.value.message
 
 
+@pytest.mark.parametrize("changes", [
+    {"init_lora_weights": "eva"}, {"init_lora_weights": "gaussian"}, {"init_lora_weights": "orthogonal"},
+    {"init_lora_weights": True}, {"fan_in_fan_out": True}, {"lora_dropout": 0.3}, {"velora_config": {"rank": 4}},
+])
+def test_options_that_leave_the_inference_math_alone_are_served_as_plain_lora(
+        dirs: dict[str, Path], tmp_path: Path, changes: dict[str, Any]) -> None:
+    plain = read_adapter("plain", str(dirs["plain"]))
+    edited = read_adapter("x", str(_edited(dirs["plain"], tmp_path / "edited", **changes)))
+    assert edited.factors.keys() == plain.factors.keys()
+    assert all(torch.equal(edited.factors[k][1], plain.factors[k][1]) for k in plain.factors)
+
+
+def test_fan_in_fan_out_on_linear_layers_is_what_peft_serves(dirs: dict[str, Path], tmp_path: Path) -> None:
+    folder = _edited(dirs["plain"], tmp_path / "fan", fan_in_fan_out=True)  # peft ignores it on nn.Linear
+    ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(8))
+    with torch.inference_mode():
+        expected = PeftModel.from_pretrained(_base(dirs), folder).eval()(input_ids=ids).logits
+    model = _base(dirs)
+    bank = LoraBank(model)
+    bank.install(read_adapter("fan", str(folder)))
+    bank.select(["fan"])
+    with torch.inference_mode():
+        assert torch.allclose(model(input_ids=ids).logits, expected, atol=1e-5)
+
+
 def test_dora_on_an_embedding_is_refused(dirs: dict[str, Path], tmp_path: Path) -> None:
     peft_model = get_peft_model(_base(dirs), LoraConfig(target_modules=["embed_tokens", "q_proj"], use_dora=True,
                                                         init_lora_weights=False))
