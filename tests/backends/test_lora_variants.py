@@ -203,28 +203,31 @@ def test_patterns_give_each_module_its_rank_and_alpha(dirs: dict[str, Path]) -> 
     assert weights.factors["model.layers.0.mlp.down_proj"][0].shape[0] == 8
 
 
-async def _tokens(backend: TorchBackend, prompt: list[int], adapter: str | None) -> list[int]:
-    request = GenerationRequest("t", tuple(prompt), "", adapter, SamplingParams(max_tokens=10, temperature=0.0))
+async def _tokens(backend: TorchBackend, prompt: list[int], adapter: str | None, max_tokens: int) -> list[int]:
+    request = GenerationRequest("t", tuple(prompt), "", adapter, SamplingParams(max_tokens=max_tokens,
+                                                                                 temperature=0.0))
     return [token async for delta in backend.generate(request) for token in delta.token_ids]
 
 
 async def test_engine_greedy_tokens_equal_peft_generate_in_one_mixed_batch(dirs: dict[str, Path]) -> None:
-    names = ["dora", "modules-to-save", "embedding-lora", "tokens", "plain"]
-    prompts = {None: [5, 6, 7, 8], "dora": [9, 10, 11], "modules-to-save": [12, 13, 14, 15, 16],
-               "embedding-lora": [17, 18], "tokens": [3, 5, 17, 4], "plain": [19, 20, 21]}
+    """Every variant and a base row, 15 requests at once on an engine of 8 rows: the rest join as rows finish."""
+    generator = torch.Generator().manual_seed(9)
+    prompts: dict[str | None, list[int]] = {
+        adapter: [3, 5, 17, *torch.randint(0, VOCAB, (2 + index % 4,), generator=generator).tolist()]
+        for index, adapter in enumerate([None, *VARIANTS])}
     expected = {}
     for adapter, prompt in prompts.items():
         model = _base(dirs) if adapter is None else PeftModel.from_pretrained(_base(dirs), dirs[adapter]).eval()
         with torch.inference_mode():
-            out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=10, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0)
+            out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=6 + len(prompt) % 5,
+                                 do_sample=False, eos_token_id=None, pad_token_id=0)
         expected[adapter] = out[0, len(prompt) :].tolist()
     backend = await TorchBackend.load(dirs["base"], device="cpu", dtype="float32", pad_token_id=0,
-                                      stop_on_model_eos=False)
+                                      stop_on_model_eos=False, max_batch_size=8)
     try:
-        for name in names:
+        for name in VARIANTS:
             await backend.load_adapter(name, str(dirs[name]))
-        got = await asyncio.gather(*(_tokens(backend, p, a) for a, p in prompts.items()))
+        got = await asyncio.gather(*(_tokens(backend, p, a, 6 + len(p) % 5) for a, p in prompts.items()))
     finally:
         await backend.aclose()
     assert dict(zip(prompts, got, strict=True)) == expected
