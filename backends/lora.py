@@ -15,6 +15,11 @@ zeros). Each row's numbers are its own: ``bmm`` computes rows independently. The
 in float32 whatever the model's dtype: on CPU, float32 ``bmm`` at these shapes is about twice as fast as bf16, and
 the delta is more exact (it is added to the bf16 base output in place).
 
+The variants of peft's ``LoraConfig`` are read by ``backends.lora_config`` / ``lora_files`` (rsLoRA, rank and
+alpha patterns, and the refusals, with reasons), served per row by ``backends.lora_dora`` (DoRA, ``lora_bias``: a
+per-slot output term, skipped by batches that do not use it) and ``backends.lora_embeddings`` (``modules_to_save`` on
+the embedding / head, trainable tokens, LoRA on embeddings).
+
 ``LoraBank`` is not thread-safe: the engine calls ``select``, ``install`` and ``remove`` on its own thread, between
 steps. ``read_adapter`` (file reading and checks) may run on any thread.
 """

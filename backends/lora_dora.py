@@ -18,9 +18,12 @@ import torch
 
 
 def dora_factor(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
-    """``g = m / ||W + B·A||`` per output feature, in float32 (``b`` already carries the scaling)."""
-    norm = torch.linalg.norm(weight.float() + b @ a, dim=1)
-    return magnitude.float() / norm
+    """``g = m / ||W + B·A||`` per output feature, in float32 on ``a``'s device (``b`` carries the scaling).
+
+    Computed where the weight is (a GPU's weights are not copied to the host)."""
+    device = weight.device
+    norm = torch.linalg.norm(weight.float() + b.to(device) @ a.to(device), dim=1)
+    return (magnitude.to(device).float() / norm).to(a.device)
 
 
 class OutputTerms:

@@ -63,15 +63,18 @@ class RowEmbedding(torch.nn.Module):
             picked = _rows_of(self.slots.slots, slot, ids.device)
             if picked is not None:  # the module's own forward (scaled embeddings scale), with the slot's weight
                 y[picked] = functional_call(self.base, {"weight": weight}, (ids[picked],))
+        scale = _embed_scale(self.base)
         for slot, (where, rows_of_ids) in self.tokens.items():
             picked = _rows_of(self.slots.slots, slot, ids.device)
-            if picked is not None:  # the module's own forward over the new rows, put where those ids are
+            if picked is not None:  # the new rows where those ids are (peft: F.embedding, then the module's scale)
                 position = where[ids[picked]]
-                new = functional_call(self.base, {"weight": rows_of_ids}, (position.clamp(min=0),))
+                new = torch.nn.functional.embedding(position.clamp(min=0), rows_of_ids)
+                new = new if scale is None else new * scale.to(new.dtype)
                 y[picked] = torch.where((position >= 0).unsqueeze(-1), new, y[picked])
         if self.a.shape[2]:
             looked_up = self.a[rows.view(-1, *([1] * (ids.dim() - 1))), ids]  # [batch, seq, rank]
             delta = torch.bmm(looked_up.view(rows.shape[0], -1, self.a.shape[2]), self.b.index_select(0, rows))
+            delta = delta if scale is None else delta * scale.to(delta.dtype)
             y = y + delta.view(y.shape).to(y.dtype)
         return y
 
@@ -217,6 +220,14 @@ def check_tokens(weights: AdapterWeights, model: torch.nn.Module) -> None:
         if a.shape[1] != reference.shape[0] or b.shape[0] != reference.shape[1]:
             raise AdapterLoadError(f"{weights.path}: {path} is {tuple(reference.shape)}, the adapter's embedding "
                                    f"factors are {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def _embed_scale(embedding: torch.nn.Module) -> torch.Tensor | None:
+    """The scale a scaled embedding (Gemma's) applies in its forward, as peft's ``_get_embed_scale`` finds it."""
+    scale = getattr(embedding, "embed_scale", None)
+    if isinstance(scale, int | float):
+        return torch.tensor(scale, device=embedding.weight.device, dtype=embedding.weight.dtype)  # type: ignore[arg-type]
+    return scale if isinstance(scale, torch.Tensor) and scale.numel() == 1 else None
 
 
 def _same(saved: torch.Tensor, served: torch.Tensor) -> bool:

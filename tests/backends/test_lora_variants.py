@@ -13,7 +13,14 @@ from typing import Any
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from backends.base import GenerationRequest, SamplingParams
 from backends.lora import LoraBank, read_adapter
@@ -69,26 +76,38 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
                 parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
 
 
-@pytest.fixture(scope="module", params=["qwen2", "llama"])
-def dirs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp(request.param)
+def _gemma3() -> Gemma3ForCausalLM:  # a scaled embedding (embed_scale in its forward), tied
+    return Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                              head_dim=16, initializer_range=0.2, eos_token_id=VOCAB - 1))
+
+
+_MODELS = {"qwen2": _qwen2, "llama": _llama, "gemma3": _gemma3}
+
+
+def _save(root: Path, kind: str, variants: list[str]) -> dict[str, Path]:
     torch.manual_seed(0)
-    (_qwen2 if request.param == "qwen2" else _llama)().save_pretrained(root / "base")
-    out = {"base": root / "base"}
-    cls = Qwen2ForCausalLM if request.param == "qwen2" else LlamaForCausalLM
-    for index, (name, options) in enumerate(VARIANTS.items()):
+    base_model = _MODELS[kind]()
+    base_model.save_pretrained(root / "base")
+    out = {"base": root / "base", "class": Path(type(base_model).__name__)}
+    for index, name in enumerate(variants):
         torch.manual_seed(10 + index)
-        peft_model = get_peft_model(cls.from_pretrained(root / "base"), LoraConfig(init_lora_weights=False, **options))
+        base = type(base_model).from_pretrained(root / "base")
+        peft_model = get_peft_model(base, LoraConfig(init_lora_weights=False, **VARIANTS[name]))
         _perturb(peft_model, index)
         peft_model.save_pretrained(root / name)
         out[name] = root / name
-    out["class"] = Path(cls.__name__)
     return out
 
 
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def dirs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return _save(tmp_path_factory.mktemp(request.param), request.param, list(VARIANTS))
+
+
 def _base(dirs: dict[str, Path]) -> torch.nn.Module:
-    cls = Qwen2ForCausalLM if str(dirs["class"]) == "Qwen2ForCausalLM" else LlamaForCausalLM
-    return cls.from_pretrained(dirs["base"]).eval()
+    classes = {cls.__name__: cls for cls in (Qwen2ForCausalLM, LlamaForCausalLM, Gemma3ForCausalLM)}
+    return classes[str(dirs["class"])].from_pretrained(dirs["base"]).eval()
 
 
 def _peft_rows(dirs: dict[str, Path], rows: list[str | None], ids: torch.Tensor) -> torch.Tensor:
@@ -135,6 +154,40 @@ def test_each_row_of_a_mixed_batch_equals_peft(dirs: dict[str, Path], variant: s
     assert torch.allclose(after[[0, 2, 3]], base[[0, 2, 3]], atol=1e-6)
 
 
+def test_a_scaled_embedding_scales_embedding_lora_and_trainable_tokens_as_peft(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    names = ["embedding-lora", "tokens", "embed-only", "plain"]
+    dirs = _save(tmp_path_factory.mktemp("gemma3"), "gemma3", names)
+    ids = torch.randint(0, VOCAB, (5, 6), generator=torch.Generator().manual_seed(5))
+    ids[:, 1:4] = torch.tensor([3, 5, 17])
+    rows: list[str | None] = ["embedding-lora", "tokens", None, "embed-only", "plain"]
+    expected = _peft_rows(dirs, rows, ids)
+    model = _base(dirs)
+    bank = LoraBank(model)
+    for name in names:
+        bank.install(read_adapter(name, str(dirs[name])))
+    bank.select(rows)
+    with torch.inference_mode():
+        got = model(input_ids=ids).logits
+    assert (got - expected).abs().max() <= 1e-5 * float(expected.abs().max().clamp(min=1))
+
+
+@pytest.mark.parametrize("order", [["head-lora", "modules-to-save"], ["modules-to-save", "head-lora"]])
+def test_lora_on_the_head_and_own_heads_share_a_batch(dirs: dict[str, Path], order: list[str]) -> None:
+    ids = torch.randint(0, VOCAB, (4, 5), generator=torch.Generator().manual_seed(6))
+    rows: list[str | None] = ["modules-to-save", "head-lora", None, "head-lora"]
+    expected = _peft_rows(dirs, rows, ids)
+    model = _base(dirs)
+    bank = LoraBank(model)
+    for name in order:
+        bank.install(read_adapter(name, str(dirs[name])))
+    for _ in range(2):  # the second pass may reuse gathered factors
+        bank.select(rows)
+        with torch.inference_mode():
+            got = model(input_ids=ids).logits
+        assert (got - expected).abs().max() <= 1e-5 * float(expected.abs().max().clamp(min=1))
+
+
 def test_rslora_scaling_is_alpha_over_the_square_root_of_r(dirs: dict[str, Path]) -> None:
     weights = read_adapter("rslora", str(dirs["rslora"]))
     from safetensors.torch import load_file
@@ -150,28 +203,31 @@ def test_patterns_give_each_module_its_rank_and_alpha(dirs: dict[str, Path]) -> 
     assert weights.factors["model.layers.0.mlp.down_proj"][0].shape[0] == 8
 
 
-async def _tokens(backend: TorchBackend, prompt: list[int], adapter: str | None) -> list[int]:
-    request = GenerationRequest("t", tuple(prompt), "", adapter, SamplingParams(max_tokens=10, temperature=0.0))
+async def _tokens(backend: TorchBackend, prompt: list[int], adapter: str | None, max_tokens: int) -> list[int]:
+    request = GenerationRequest("t", tuple(prompt), "", adapter, SamplingParams(max_tokens=max_tokens,
+                                                                                 temperature=0.0))
     return [token async for delta in backend.generate(request) for token in delta.token_ids]
 
 
 async def test_engine_greedy_tokens_equal_peft_generate_in_one_mixed_batch(dirs: dict[str, Path]) -> None:
-    names = ["dora", "modules-to-save", "embedding-lora", "tokens", "plain"]
-    prompts = {None: [5, 6, 7, 8], "dora": [9, 10, 11], "modules-to-save": [12, 13, 14, 15, 16],
-               "embedding-lora": [17, 18], "tokens": [3, 5, 17, 4], "plain": [19, 20, 21]}
+    """Every variant and a base row, 15 requests at once on an engine of 8 rows: the rest join as rows finish."""
+    generator = torch.Generator().manual_seed(9)
+    prompts: dict[str | None, list[int]] = {
+        adapter: [3, 5, 17, *torch.randint(0, VOCAB, (2 + index % 4,), generator=generator).tolist()]
+        for index, adapter in enumerate([None, *VARIANTS])}
     expected = {}
     for adapter, prompt in prompts.items():
         model = _base(dirs) if adapter is None else PeftModel.from_pretrained(_base(dirs), dirs[adapter]).eval()
         with torch.inference_mode():
-            out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=10, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0)
+            out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=6 + len(prompt) % 5,
+                                 do_sample=False, eos_token_id=None, pad_token_id=0)
         expected[adapter] = out[0, len(prompt) :].tolist()
     backend = await TorchBackend.load(dirs["base"], device="cpu", dtype="float32", pad_token_id=0,
-                                      stop_on_model_eos=False)
+                                      stop_on_model_eos=False, max_batch_size=8)
     try:
-        for name in names:
+        for name in VARIANTS:
             await backend.load_adapter(name, str(dirs[name]))
-        got = await asyncio.gather(*(_tokens(backend, p, a) for a, p in prompts.items()))
+        got = await asyncio.gather(*(_tokens(backend, p, a, 6 + len(p) % 5) for a, p in prompts.items()))
     finally:
         await backend.aclose()
     assert dict(zip(prompts, got, strict=True)) == expected
@@ -203,6 +259,31 @@ def test_what_cannot_be_served_is_refused_with_the_option_named(
     with pytest.raises(AdapterLoadError, match="") as refused:
         read_adapter("x", str(folder))
     assert named in refused.value.message
+
+
+@pytest.mark.parametrize("changes", [
+    {"init_lora_weights": "eva"}, {"init_lora_weights": "gaussian"}, {"init_lora_weights": "orthogonal"},
+    {"init_lora_weights": True}, {"fan_in_fan_out": True}, {"lora_dropout": 0.3}, {"velora_config": {"rank": 4}},
+])
+def test_options_that_leave_the_inference_math_alone_are_served_as_plain_lora(
+        dirs: dict[str, Path], tmp_path: Path, changes: dict[str, Any]) -> None:
+    plain = read_adapter("plain", str(dirs["plain"]))
+    edited = read_adapter("x", str(_edited(dirs["plain"], tmp_path / "edited", **changes)))
+    assert edited.factors.keys() == plain.factors.keys()
+    assert all(torch.equal(edited.factors[k][1], plain.factors[k][1]) for k in plain.factors)
+
+
+def test_fan_in_fan_out_on_linear_layers_is_what_peft_serves(dirs: dict[str, Path], tmp_path: Path) -> None:
+    folder = _edited(dirs["plain"], tmp_path / "fan", fan_in_fan_out=True)  # peft ignores it on nn.Linear
+    ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(8))
+    with torch.inference_mode():
+        expected = PeftModel.from_pretrained(_base(dirs), folder).eval()(input_ids=ids).logits
+    model = _base(dirs)
+    bank = LoraBank(model)
+    bank.install(read_adapter("fan", str(folder)))
+    bank.select(["fan"])
+    with torch.inference_mode():
+        assert torch.allclose(model(input_ids=ids).logits, expected, atol=1e-5)
 
 
 def test_dora_on_an_embedding_is_refused(dirs: dict[str, Path], tmp_path: Path) -> None:

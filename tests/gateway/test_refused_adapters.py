@@ -88,16 +88,44 @@ async def test_in_process_the_rest_is_served_and_the_refused_one_says_why(
     assert len(lines) == 1 and "layer_replication" in lines[0] and not any(r.exc_info for r in caplog.records)
 
 
+@pytest.fixture(scope="module")
+def variants(demo_models: DemoModels, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Adapters saved by peft on the demo base: DoRA (served) and ``modules_to_save`` on a norm (refused at install,
+    not when read)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("variants")
+    options = {"dora": {"use_dora": True, "target_modules": ["q_proj", "v_proj"]},
+               "norm": {"target_modules": ["q_proj"], "modules_to_save": ["norm"]}}
+    for name, config in options.items():
+        torch.manual_seed(3)
+        model = AutoModelForCausalLM.from_pretrained(demo_models.base_dir)
+        get_peft_model(model, LoraConfig(r=4, init_lora_weights=False, **config)).save_pretrained(root / name)
+    return {name: root / name for name in options}
+
+
 def test_a_real_server_starts_and_refuses_only_the_replicated_adapter(demo_models: DemoModels, demo_cache_home: Path,
-                                                                 replicated: Path) -> None:
+                                                                      replicated: Path,
+                                                                      variants: dict[str, Path]) -> None:
     from tests.servers import running_gateway
 
     env = {"XDG_CACHE_HOME": str(demo_cache_home)}
-    with running_gateway(["--demo", "--adapter", f"rep={replicated}"], env=env) as url:
+    flags = ["--demo", "--adapter", f"rep={replicated}", "--adapter", f"dora={variants['dora']}",
+             "--adapter", f"norm={variants['norm']}", "--adapter-template", "dora=qwen"]
+    with running_gateway(flags, env=env) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         models = {m.id: m.model_dump() for m in client.models.list()}
         assert models["rep"]["state"] == "refused" and "layer_replication" in models["rep"]["reason"]
         with pytest.raises(openai.UnprocessableEntityError, match="layer_replication"):
             client.chat.completions.create(model="rep", messages=HELLO, max_tokens=4)  # type: ignore[arg-type]
+        # refused when installed on the model (the file reads fine): the same state, reason and 422
+        assert models["norm"]["state"] == "refused" and "modules_to_save" in models["norm"]["reason"]
+        with pytest.raises(openai.UnprocessableEntityError, match="only the input embedding and the output head"):
+            client.chat.completions.create(model="norm", messages=HELLO, max_tokens=4)  # type: ignore[arg-type]
+        assert models["dora"]["state"] != "refused"  # DoRA is served
+        dora = client.chat.completions.create(model="dora", messages=HELLO, max_tokens=4)  # type: ignore[arg-type]
+        assert dora.choices[0].finish_reason in ("stop", "length")
         answer = client.chat.completions.create(model="pku-assistant", messages=HELLO, max_tokens=8, temperature=0)
         assert answer.choices[0].message.content
