@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from backends.lora_layout import row_layout
+from backends.lora_names import model_renamer
 from gateway.errors import AdapterLoadError
 
 _UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out", "modules_to_save", "rank_pattern", "alpha_pattern",
@@ -121,7 +123,12 @@ class LoraLinear(torch.nn.Module):
             a = self.a.index_select(0, rows)  # [batch, in, rank]
             b = self.b.index_select(0, rows)  # [batch, rank, out]
             self._gathered = (self.slots.version, a, b) if self.slots.keep_gathers else None
-        return y.add_(torch.bmm(torch.bmm(x.float(), a), b))  # y is this call's own fresh output
+        # An input grouped by row, row outermost ([rows, seq, in], [rows*seq, in], [rows, 1, kv, in]), is a
+        # [rows, -1, in] view: no copy, and not even a view on the common 3-D path. ``LoraBank.install`` refuses
+        # layers whose input is not so grouped (``backends.lora_layout``).
+        rows_first = x if x.dim() == 3 and x.shape[0] == rows.shape[0] else x.reshape(rows.shape[0], -1, x.shape[-1])
+        delta = torch.bmm(torch.bmm(rows_first.float(), a), b)
+        return y.add_(delta.view(y.shape))  # y is this call's own fresh output
 
     @property
     def row_bytes(self) -> int:
@@ -164,6 +171,7 @@ class LoraBank:
         self._layers: dict[str, LoraLinear] = {}
         self._slot_of: dict[str, int] = {}  # adapter name -> slot (>= 1)
         self._capacity = 1
+        self._layout: dict[str, str | None] | None = None  # see _row_layout
 
     @property
     def names(self) -> list[str]:
@@ -185,23 +193,36 @@ class LoraBank:
             self._slots.keep_gathers = len(slots) * row_bytes <= self.gather_budget
 
     def install(self, weights: AdapterWeights) -> None:
-        """Install (or replace) ``weights.name``. Every module is checked before anything changes."""
+        """Install (or replace) ``weights.name``. Every module is checked before anything changes.
+
+        Module names the served model does not have are renamed as transformers renames checkpoint weights on load
+        (``backends.lora_names``: EXAONE's ``transformer.h.N.attn.attention.q_proj`` is ``model.layers.N.self_attn
+        .q_proj``). A linear layer whose input is not grouped by batch row (``backends.lora_layout``; the model is
+        probed once, at the first install) is refused, naming the layer and why.
+        """
+        rename = model_renamer(self.model)
+        named = {rename(path): path for path in weights.factors}  # served name -> the adapter's
+        if len(named) != len(weights.factors):
+            raise AdapterLoadError(f"{weights.path}: two of its modules name the same layer of the served model")
+        factors = {path: weights.factors[original] for path, original in named.items()}
         modules = dict(self.model.named_modules())
-        for path, (a, b) in weights.factors.items():
+        for path, original in named.items():
             layer = self._layers.get(path) or modules.get(path)
-            linear = layer.base if isinstance(layer, LoraLinear) else layer
-            if not isinstance(linear, torch.nn.Linear):
-                raise AdapterLoadError(f"{weights.path}: {path} is not a linear layer of the served model")
-            if a.shape[1] != linear.in_features or b.shape[0] != linear.out_features:
-                raise AdapterLoadError(f"{weights.path}: {path} is {linear.out_features}x{linear.in_features}, the "
-                                       f"adapter's factors are {tuple(a.shape)} and {tuple(b.shape)}")
-        for path in weights.factors:
+            shown = path if path == original else f"{original} (the served model's {path})"
+            _check_target(weights.path, type(self.model).__name__, shown,
+                          layer.base if isinstance(layer, LoraLinear) else layer, *factors[path])
+        layout = self._row_layout(weights.path)
+        for path in factors:
+            if layout.get(path):
+                raise AdapterLoadError(f"{weights.path}: the served model's {path} cannot take a LoRA per request: "
+                                       f"{layout[path]}")
+        for path in factors:
             if path not in self._layers:
                 self._wrap(path)
         slot = self._slot_of.get(weights.name) or self._free_slot()
         for path, layer in self._layers.items():
             layer.reserve(self._capacity, weights.rank)
-            pair = weights.factors.get(path)
+            pair = factors.get(path)
             layer.write(slot, *(pair if pair is not None else (None, None)))
         self._slot_of[weights.name] = slot
         self._changed()
@@ -225,6 +246,22 @@ class LoraBank:
             self._capacity = max(slot + 1, self._capacity * 2)
         return slot
 
+    def _row_layout(self, adapter_path: str) -> dict[str, str | None]:
+        """Every linear layer's ``lora_layout`` verdict, probed at the first call (with LoRA off) and kept."""
+        if self._layout is None:
+            wrapped = {f"{path}.base" for path in self._layers}
+            layers = {path: module for path, module in self.model.named_modules()
+                      if isinstance(module, (torch.nn.Linear, LoraLinear)) and path not in wrapped}
+            rows, self._slots.rows = self._slots.rows, None
+            try:
+                self._layout = row_layout(self.model, layers)
+            except Exception as exc:  # whatever the model raises: then it could not generate either
+                raise AdapterLoadError(f"{adapter_path}: cannot check how the served model's layers see the batch: "
+                                       f"a probe forward pass failed ({type(exc).__name__}: {exc})") from exc
+            finally:
+                self._slots.rows = rows
+        return self._layout
+
     def _wrap(self, path: str) -> None:
         parent_path, _, child = path.rpartition(".")
         parent = self.model.get_submodule(parent_path) if parent_path else self.model
@@ -232,3 +269,19 @@ class LoraBank:
         layer.reserve(self._capacity, 0)
         setattr(parent, child, layer)
         self._layers[path] = layer
+
+
+def _check_target(adapter_path: str, model_class: str, shown: str, linear: torch.nn.Module | None, a: torch.Tensor,
+                  b: torch.Tensor) -> None:
+    """Refuse, saying what the served model has at the module ``shown`` and what the adapter wants there."""
+    wants = f"the adapter has a LoRA for {shown} from {a.shape[1]} to {b.shape[0]} features (rank {a.shape[0]})"
+    if linear is None:
+        raise AdapterLoadError(f"{adapter_path}: {wants}, but the served model ({model_class}) has no such module")
+    if not isinstance(linear, torch.nn.Linear):
+        raise AdapterLoadError(f"{adapter_path}: {wants}, but the served model has a "
+                               f"{type(linear).__name__} there, not an nn.Linear; the native backend adapts linear "
+                               "layers only")
+    if a.shape[1] != linear.in_features or b.shape[0] != linear.out_features:
+        raise AdapterLoadError(f"{adapter_path}: {wants}, but the served model has an nn.Linear from "
+                               f"{linear.in_features} to {linear.out_features} features there (trained on another "
+                               "model size?)")
