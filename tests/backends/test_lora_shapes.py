@@ -10,6 +10,7 @@ refused at install with the module's name and the reason, and nothing changes.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from pathlib import Path
 
@@ -17,10 +18,12 @@ import pytest
 import torch
 import transformers as tf
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 
 from backends.base import GenerationRequest, SamplingParams
 from backends.lora import LoraBank, read_adapter
 from backends.torch_native import TorchBackend
+from gateway.adapter_files import BaseShapes, inspect_adapter
 from gateway.errors import AdapterLoadError
 
 VOCAB = 96
@@ -278,3 +281,130 @@ def test_the_router_of_a_routed_block_is_fine(tmp_path: Path) -> None:
     bank.install(read_adapter("r", str(folder)))
     bank.select(["r", "r"])
     assert torch.allclose(_logits(plain, ids), expected, atol=1e-5)
+
+
+# --- EXAONE 3: loaded by transformers 5 as Llama, adapters in either naming ------------------------------------
+
+# EXAONE's own modelling code names (LGAI's modeling_exaone.py, what LLaMA-Factory on transformers 4 trained on),
+# written out here independently of transformers' conversion table, which the code under test uses.
+_EXAONE_NAMES = [("model.layers.", "transformer.h."), (".self_attn.o_proj", ".attn.attention.out_proj"),
+                 (".self_attn.", ".attn.attention."), (".mlp.gate_proj", ".mlp.c_fc_0"),
+                 (".mlp.up_proj", ".mlp.c_fc_1"), (".mlp.down_proj", ".mlp.c_proj")]
+_EXAONE_LEAVES = {"o_proj": "out_proj", "gate_proj": "c_fc_0", "up_proj": "c_fc_1", "down_proj": "c_proj"}
+
+
+def _exaone_target(name: str) -> str:
+    for old, new in _EXAONE_NAMES:
+        name = name.replace(old, new)
+    return _EXAONE_LEAVES.get(name, name)
+
+
+def _exaone_named(folder: Path, target: Path) -> Path:
+    """The adapter in ``folder`` as it would be saved from EXAONE's original layout: same numbers, EXAONE's names."""
+    target.mkdir()
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    renamed = {}
+    for key, tensor in tensors.items():
+        renamed[_exaone_target(key)] = tensor
+    save_file(renamed, str(target / "adapter_model.safetensors"))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["target_modules"] = sorted(_exaone_target(name) for name in config["target_modules"])
+    (target / "adapter_config.json").write_text(json.dumps(config))
+    return target
+
+
+@pytest.fixture(scope="module")
+def exaone_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("exaone")
+    torch.manual_seed(0)
+    config = tf.ExaoneConfig(**_COMMON)
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(root / "base")  # written in EXAONE's names
+    torch.manual_seed(3)
+    model = tf.AutoModelForCausalLM.from_pretrained(root / "base")
+    lora = LoraConfig(r=4, lora_alpha=9, target_modules="all-linear", init_lora_weights=False)
+    get_peft_model(model, lora).save_pretrained(root / "v5")  # peft on transformers 5: the loaded (Llama) names
+    return {"base": root / "base", "v5": root / "v5", "exaone": _exaone_named(root / "v5", root / "exaone")}
+
+
+def test_exaone_adapters_in_either_naming_equal_peft(exaone_dirs: dict[str, Path]) -> None:
+    assert "transformer.h.0.attn.attention.q_proj.weight" in load_file(
+        str(exaone_dirs["base"] / "model.safetensors"))
+    assert any(".attn.attention.out_proj." in key for key in load_file(
+        str(exaone_dirs["exaone"] / "adapter_model.safetensors")))
+    ids = torch.randint(3, VOCAB - 1, (3, 6), generator=torch.Generator().manual_seed(4))
+    reference = PeftModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(exaone_dirs["base"]),
+                                          exaone_dirs["v5"]).eval()
+    expected = _logits(reference, ids)
+    model = tf.AutoModelForCausalLM.from_pretrained(exaone_dirs["base"]).eval()
+    assert type(model).__name__ == "LlamaForCausalLM"
+    base = _logits(model, ids)
+    bank = LoraBank(model)
+    bank.install(read_adapter("exaone", str(exaone_dirs["exaone"])))
+    bank.install(read_adapter("v5", str(exaone_dirs["v5"])))
+    for name in ("exaone", "v5"):
+        bank.select([name, None, name])
+        got = _logits(model, ids)
+        assert torch.allclose(got[[0, 2]], expected[[0, 2]], atol=1e-5), (name, (got - expected).abs().max())
+        assert torch.allclose(got[1], base[1], atol=1e-6)
+
+
+def test_exaone_adapters_in_either_naming_pass_the_gateways_file_check(exaone_dirs: dict[str, Path]) -> None:
+    shapes = BaseShapes.read(exaone_dirs["base"])
+    assert shapes is not None
+    for name in ("exaone", "v5"):
+        info = inspect_adapter(exaone_dirs[name], shapes)
+        assert info.rank == 4
+
+
+# --- refusals say which module, what the served model has there, what the adapter wants ------------------------
+
+
+def _hand_made_lora(folder: Path, factors: dict[str, tuple[int, int]], rank: int = 4) -> Path:
+    """An adapter folder with LoRA factors for ``module -> (in, out)``, keyed as peft saves them."""
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    for module, (fan_in, fan_out) in factors.items():
+        tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(rank, fan_in, generator=generator)
+        tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(fan_out, rank, generator=generator)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    leaves = sorted({module.rsplit(".", 1)[-1] for module in factors})
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": rank,
+                                                            "target_modules": leaves}))
+    return folder
+
+
+def test_a_transformers_4_router_lora_is_refused_naming_what_the_model_has(tmp_path: Path) -> None:
+    """qwen2_moe's ``mlp.gate`` was an nn.Linear in transformers 4 (``lora_target: all`` took it); in transformers 5
+    it is a router module that neither peft nor we can adapt."""
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(_config("qwen2_moe")).eval()
+    folder = _hand_made_lora(tmp_path / "router", {"model.layers.0.mlp.gate": (32, 4),
+                                                   "model.layers.0.self_attn.q_proj": (32, 32)})
+    bank = LoraBank(model)
+    with pytest.raises(AdapterLoadError, match=r"LoRA for model\.layers\.0\.mlp\.gate from 32 to 4 features .*"
+                                               r"the served model has a Qwen2MoeTopKRouter there, not an nn\.Linear"):
+        bank.install(read_adapter("router", str(folder)))
+    assert bank.names == []
+    assert not any(type(m).__name__ == "LoraLinear" for m in model.modules())
+
+
+def test_the_gateway_says_what_the_base_has_where_it_is_not_a_linear_layer(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(_config("llama")).save_pretrained(tmp_path / "base")
+    shapes = BaseShapes.read(tmp_path / "base")
+    assert shapes is not None
+    norm = _hand_made_lora(tmp_path / "norm", {"model.layers.0.input_layernorm": (32, 32)})
+    with pytest.raises(AdapterLoadError, match=r"target_modules names input_layernorm, which the served base has "
+                                               r"\(2, e\.g\. model\.layers\.0\.input_layernorm\) but not as linear"):
+        inspect_adapter(norm, shapes)
+    config = json.loads((norm / "adapter_config.json").read_text())
+    (norm / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ".*input_layernorm"}))
+    with pytest.raises(AdapterLoadError, match=r"adapts model\.layers\.0\.input_layernorm, which the served base "
+                                               r"has, but not as one linear layer: it holds 1 tensor there \(weight\)"):
+        inspect_adapter(norm, shapes)  # a regex target: checked through the weights
+    absent = _hand_made_lora(tmp_path / "absent", {"model.layers.0.mlp.gate_proj": (32, 48),
+                                                   "model.layers.9.mlp.gate_proj": (32, 48)})
+    with pytest.raises(AdapterLoadError, match=r"adapts model\.layers\.9\.mlp\.gate_proj, which the served base "
+                                               r"does not have"):
+        inspect_adapter(absent, shapes)
