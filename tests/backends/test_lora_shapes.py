@@ -174,6 +174,9 @@ PROMPTS: list[tuple[list[int], str | None]] = [([5, 6, 7, 8, 9], "all"), ([10, 1
                                                ([13, 14, 15, 16, 17, 18, 19], "some"), ([20, 21], "all")]
 
 
+JOIN_DELAYS = [0.0, 0.0, 0.01, 0.03]
+
+
 async def test_engine_greedy_tokens_equal_peft_generate(kind_dirs: tuple[str, dict[str, Path]]) -> None:
     kind, dirs = kind_dirs
     reference = _reference(dirs)
@@ -182,7 +185,9 @@ async def test_engine_greedy_tokens_equal_peft_generate(kind_dirs: tuple[str, di
     try:
         for name in ("all", "some"):
             await backend.load_adapter(name, str(dirs[name]))
-        got = await asyncio.gather(*(_tokens(backend, _request(p, a), 0.02 * i) for i, (p, a) in enumerate(PROMPTS)))
+        # The first two share a prefill; the others join the running batch between decode steps.
+        got = await asyncio.gather(*(_tokens(backend, _request(p, a), delay)
+                                     for delay, (p, a) in zip(JOIN_DELAYS, PROMPTS, strict=True)))
     finally:
         await backend.aclose()
     assert got == expected, kind
@@ -408,3 +413,33 @@ def test_the_gateway_says_what_the_base_has_where_it_is_not_a_linear_layer(tmp_p
     with pytest.raises(AdapterLoadError, match=r"adapts model\.layers\.9\.mlp\.gate_proj, which the served base "
                                                r"does not have"):
         inspect_adapter(absent, shapes)
+
+
+async def test_a_refused_adapter_leaves_the_backend_serving(tmp_path: Path) -> None:
+    """Through the native backend: the refusal comes from ``load_adapter`` and the base keeps generating."""
+    torch.manual_seed(0)
+    tf.AutoModelForCausalLM.from_config(_config("qwen2_moe")).save_pretrained(tmp_path / "base")
+    folder = _hand_made_lora(tmp_path / "router", {"model.layers.1.mlp.gate": (32, 4)})
+    backend = await TorchBackend.load(tmp_path / "base", device="cpu", dtype="float32", pad_token_id=0)
+    try:
+        before = await _tokens(backend, _request([5, 6, 7], None), 0.0)
+        with pytest.raises(AdapterLoadError, match=r"model\.layers\.1\.mlp\.gate .*Qwen2MoeTopKRouter"):
+            await backend.load_adapter("router", str(folder))
+        assert await _tokens(backend, _request([5, 6, 7], None), 0.0) == before
+    finally:
+        await backend.aclose()
+
+
+async def test_exaone_engine_greedy_tokens_equal_peft_generate(exaone_dirs: dict[str, Path]) -> None:
+    reference = PeftModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(exaone_dirs["base"]),
+                                          exaone_dirs["v5"], adapter_name="v5").eval()
+    prompts = [(p, None if a is None else "exaone") for p, a in PROMPTS]
+    expected = [_peft_generate(reference, p, None if a is None else "v5") for p, a in prompts]
+    backend = await TorchBackend.load(exaone_dirs["base"], device="cpu", dtype="float32", pad_token_id=0)
+    try:
+        await backend.load_adapter("exaone", str(exaone_dirs["exaone"]))
+        got = await asyncio.gather(*(_tokens(backend, _request(p, a), delay)
+                                     for delay, (p, a) in zip(JOIN_DELAYS, prompts, strict=True)))
+    finally:
+        await backend.aclose()
+    assert got == expected
