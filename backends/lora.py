@@ -26,9 +26,12 @@ steps. ``read_adapter`` (file reading and checks) may run on any thread.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors.torch import load_file
@@ -37,7 +40,11 @@ from backends.lora_config import check_config, module_scaling, token_indices
 from backends.lora_dora import OutputTerms, dora_factor
 from backends.lora_embeddings import RowHead, TokenModules, check_tokens
 from backends.lora_files import sort_tensors
+from backends.lora_layout import row_layout
+from backends.lora_names import model_renamer
 from gateway.errors import AdapterLoadError
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -158,9 +165,18 @@ class LoraLinear(torch.nn.Module):
             a = self.a.index_select(0, rows)  # [batch, in, rank]
             b = self.b.index_select(0, rows)  # [batch, rank, out]
             self._gathered = (self.slots.version, a, b) if self.slots.keep_gathers else None
+        # An input grouped by row, row outermost ([rows, seq, in], [rows*seq, in], [rows, 1, kv, in]), is a
+        # [rows, -1, in] view: no copy, and not even a view on the common 3-D path. ``LoraBank.install`` refuses
+        # layers whose input is not so grouped (``backends.lora_layout``). The output is viewed the same way.
+        if x.dim() == 3 and x.shape[0] == rows.shape[0]:
+            x_rows, y_rows = x, y
+        else:
+            x_rows = x.reshape(rows.shape[0], -1, x.shape[-1])
+            y_rows = y.view(rows.shape[0], -1, y.shape[-1])
         if self.terms.active:
-            y = self.terms.apply(y, rows, self.slots.slots, self.base.bias)
-        return y.add_(torch.bmm(torch.bmm(x.float(), a), b))  # y is this call's own fresh output
+            self.terms.apply(y_rows, rows, self.slots.slots, self.base.bias)  # in place
+        y_rows.add_(torch.bmm(torch.bmm(x_rows.float(), a), b))  # y is this call's own fresh output
+        return y
 
     @property
     def row_bytes(self) -> int:
@@ -206,6 +222,7 @@ class LoraBank:
         self._slot_of: dict[str, int] = {}  # adapter name -> slot (>= 1)
         self._capacity = 1
         self._tokens = TokenModules(model, self._slots)
+        self._layout: dict[str, str | None] | None = None  # see _row_layout
 
     @property
     def names(self) -> list[str]:
@@ -228,21 +245,31 @@ class LoraBank:
             self._slots.keep_gathers = len(slots) * row_bytes <= self.gather_budget
 
     def install(self, weights: AdapterWeights) -> None:
-        """Install (or replace) ``weights.name``. Every module is checked before anything changes."""
+        """Install (or replace) ``weights.name``. Every module is checked before anything changes.
+
+        Module names the served model does not have are renamed as transformers renames checkpoint weights on load
+        (``backends.lora_names``: EXAONE's ``transformer.h.N.attn.attention.q_proj`` is ``model.layers.N.self_attn
+        .q_proj``). A linear layer whose input is not grouped by batch row (``backends.lora_layout``; the model is
+        probed once, at the first install) is refused, naming the layer and why.
+        """
+        weights, named = _renamed(weights, model_renamer(self.model))
         modules = dict(self.model.named_modules())
-        for path, (a, b) in weights.factors.items():
+        for path, original in named.items():
             layer = self._layers.get(path) or modules.get(path)
             linear = layer.base if isinstance(layer, LoraLinear | RowHead) else layer
-            if not isinstance(linear, torch.nn.Linear):
-                raise AdapterLoadError(f"{weights.path}: {path} is not a linear layer of the served model")
-            if a.shape[1] != linear.in_features or b.shape[0] != linear.out_features:
-                raise AdapterLoadError(f"{weights.path}: {path} is {linear.out_features}x{linear.in_features}, the "
-                                       f"adapter's factors are {tuple(a.shape)} and {tuple(b.shape)}")
+            shown = path if path == original else f"{original} (the served model's {path})"
+            _check_target(weights.path, type(self.model).__name__, shown, linear, *weights.factors[path])
+            assert isinstance(linear, torch.nn.Linear)  # _check_target refused anything else
             for extra in (weights.magnitudes.get(path), weights.biases.get(path)):
                 if extra is not None and tuple(extra.shape) != (linear.out_features,):
-                    raise AdapterLoadError(f"{weights.path}: {path} has {linear.out_features} outputs, the adapter's "
-                                           f"DoRA magnitude / LoRA bias has shape {tuple(extra.shape)}")
+                    raise AdapterLoadError(f"{weights.path}: {shown} has {linear.out_features} outputs, the "
+                                           f"adapter's DoRA magnitude / LoRA bias has shape {tuple(extra.shape)}")
         check_tokens(weights, self.model)
+        layout = self._row_layout(weights.path)
+        for path in weights.factors:
+            if layout.get(path):
+                raise AdapterLoadError(f"{weights.path}: the served model's {path} cannot take a LoRA per request: "
+                                       f"{layout[path]}")
         for path in weights.factors:
             if path not in self._layers:
                 self._wrap(path)
@@ -282,6 +309,22 @@ class LoraBank:
             self._capacity = max(slot + 1, self._capacity * 2)
         return slot
 
+    def _row_layout(self, adapter_path: str) -> dict[str, str | None]:
+        """Every linear layer's ``lora_layout`` verdict, probed at the first call (with LoRA off) and kept."""
+        if self._layout is None:
+            wrapped = {f"{path}.base" for path in self._layers}
+            layers = {path: module for path, module in self.model.named_modules()
+                      if isinstance(module, (torch.nn.Linear, LoraLinear)) and path not in wrapped}
+            rows, self._slots.rows = self._slots.rows, None
+            try:
+                self._layout = row_layout(self.model, layers)
+            except Exception as exc:  # whatever the model raises: then it could not generate either
+                raise AdapterLoadError(f"{adapter_path}: cannot check how the served model's layers see the batch: "
+                                       f"a probe forward pass failed ({type(exc).__name__}: {exc})") from exc
+            finally:
+                self._slots.rows = rows
+        return self._layout
+
     def _wrap(self, path: str) -> None:
         parent_path, _, child = path.rpartition(".")
         parent = self.model.get_submodule(parent_path) if parent_path else self.model
@@ -291,3 +334,36 @@ class LoraBank:
         layer.reserve(self._capacity, 0)
         setattr(parent, child, layer)
         self._layers[path] = layer
+
+
+def _check_target(adapter_path: str, model_class: str, shown: str, linear: torch.nn.Module | None, a: torch.Tensor,
+                  b: torch.Tensor) -> None:
+    """Refuse, saying what the served model has at the module ``shown`` and what the adapter wants there."""
+    wants = f"the adapter has a LoRA for {shown} from {a.shape[1]} to {b.shape[0]} features (rank {a.shape[0]})"
+    if linear is None:
+        raise AdapterLoadError(f"{adapter_path}: {wants}, but the served model ({model_class}) has no such module")
+    if not isinstance(linear, torch.nn.Linear):
+        raise AdapterLoadError(f"{adapter_path}: {wants}, but the served model has a "
+                               f"{type(linear).__name__} there, not an nn.Linear; the native backend adapts linear "
+                               "layers only")
+    if a.shape[1] != linear.in_features or b.shape[0] != linear.out_features:
+        raise AdapterLoadError(f"{adapter_path}: {wants}, but the served model has an nn.Linear from "
+                               f"{linear.in_features} to {linear.out_features} features there (trained on another "
+                               "model size?)")
+
+
+def _renamed(weights: AdapterWeights, rename: Callable[[str], str]) -> tuple[AdapterWeights, dict[str, str]]:
+    """``weights`` with every module path renamed onto the served model's (``backends.lora_names``), and
+    ``served path -> the adapter's`` for the LoRA factors (refusals name both)."""
+
+    def paths(table: dict[str, _T]) -> dict[str, _T]:
+        out = {rename(path): value for path, value in table.items()}
+        if len(out) != len(table):
+            raise AdapterLoadError(f"{weights.path}: two of its modules name the same layer of the served model")
+        return out
+
+    renamed = dataclasses.replace(
+        weights, factors=paths(weights.factors), magnitudes=paths(weights.magnitudes), biases=paths(weights.biases),
+        modules=paths(weights.modules), embedding_factors=paths(weights.embedding_factors),
+        token_rows=paths(weights.token_rows))
+    return renamed, {rename(path): path for path in weights.factors}

@@ -49,9 +49,16 @@ class AdapterInfo:
 
 @dataclass(frozen=True)
 class BaseShapes:
-    """``module path -> (out_features, in_features)`` of every 2-D ``*.weight`` of the base model."""
+    """``module path -> (out_features, in_features)`` of every 2-D ``*.weight`` of the base model.
+
+    Each path is there under the checkpoint's name and under the name transformers loads it as, where that differs
+    (EXAONE 3's ``transformer.h.0.attn.attention.q_proj`` is ``model.layers.0.self_attn.q_proj`` once loaded):
+    adapters trained before transformers 5 carry the first, adapters trained with it the second.
+    ``tensors``: every tensor name of the checkpoint, to say what the base has where no linear layer is.
+    """
 
     linear: dict[str, tuple[int, int]]
+    tensors: frozenset[str] = frozenset()
 
     @classmethod
     def read(cls, base_dir: Path | None) -> BaseShapes | None:
@@ -62,17 +69,59 @@ class BaseShapes:
         if not files:
             return None
         linear: dict[str, tuple[int, int]] = {}
+        tensors: set[str] = set()
         for file in files:
             with safe_open(str(file), framework="pt") as handle:
                 for key in handle.keys():
+                    tensors.add(key)
                     if key.endswith(".weight"):
                         shape = handle.get_slice(key).get_shape()
                         if len(shape) == 2:
                             linear[key[: -len(".weight")]] = (int(shape[0]), int(shape[1]))
-        return cls(linear)
+        from backends.lora_names import checkpoint_renamings, rename_module  # transformers: imported when needed
+
+        renamings = checkpoint_renamings(_model_type(base_dir))
+        if renamings:
+            for path, shape in list(linear.items()):
+                linear.setdefault(rename_module(path, renamings), shape)
+        return cls(linear, frozenset(tensors))
+
+    def describe_target(self, target: str) -> str:
+        """``target`` (a ``target_modules`` entry no linear layer matches) and what the base has of that name."""
+        modules = sorted({name.rsplit(".", 1)[0] for name in self.tensors if "." in name})
+        named = [m for m in modules if m == target or m.endswith(f".{target}")]
+        if not named:
+            return f"{target}, which no layer of the served base is called"
+        return (f"{target}, which the served base has ({len(named)}, e.g. {named[0]}) but not as linear layers; only "
+                "LoRA on linear layers is served")
+
+    def describe(self, module: str) -> str:
+        """What the base has at ``module``, which is not one of its linear layers (a phrase)."""
+        inside = sorted(name for name in self.tensors if name.startswith(f"{module}."))
+        if not inside:
+            return "which the served base does not have"
+        shown = ", ".join(name.removeprefix(f"{module}.") for name in inside[:3])
+        more = f" and {len(inside) - 3} more" if len(inside) > 3 else ""
+        count = f"{len(inside)} tensor{'s' if len(inside) > 1 else ''}"
+        return (f"which the served base has, but not as one linear layer: it holds {count} there ({shown}{more}); "
+                "only LoRA on linear layers is served")
 
     def module_names(self) -> set[str]:
         return {path.rsplit(".", 1)[-1] for path in self.linear}
+
+    def has_module(self, target: str) -> bool:
+        """Whether a peft ``target_modules`` entry names a linear layer here: as peft matches it, the whole path or
+        its last dotted parts (``q_proj``, ``self_attn.q_proj``, ``model.layers.0.self_attn.q_proj``)."""
+        return any(path == target or path.endswith(f".{target}") for path in self.linear)
+
+
+def _model_type(base_dir: Path) -> str | None:
+    try:
+        config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    return model_type if isinstance(model_type, str) else None
 
 
 def confine(path: str | Path, roots: Sequence[Path]) -> Path:
@@ -154,9 +203,10 @@ def inspect_adapter(folder: Path, shapes: BaseShapes | None, *, base_names: Iter
     _note_base_name(folder, base_model, base_names)
     if shapes is not None:
         if not isinstance(targets, str):  # a string is a regex in peft: checked through the weights below
-            missing = sorted(set(target_modules) - shapes.module_names())
+            missing = sorted(t for t in target_modules if not shapes.has_module(t))
             if missing:
-                raise AdapterLoadError(f"{folder} adapts modules the base does not have: {', '.join(missing)}")
+                raise AdapterLoadError(f"{folder}/adapter_config.json: target_modules names "
+                                       f"{'; '.join(shapes.describe_target(t) for t in missing)}")
         if safe:
             _check_shapes(folder, weights, shapes, rank, bool(config.get("rank_pattern")))
     return AdapterInfo(path=folder, rank=rank, target_modules=target_modules, size_bytes=weights.stat().st_size,
@@ -202,7 +252,7 @@ def _check_shapes(folder: Path, weights: Path, shapes: BaseShapes, rank: int, ha
     for module, parts in sorted(ranks.items()):
         base = shapes.linear.get(module)
         if base is None:
-            raise AdapterLoadError(f"{folder} adapts {module}, which the served base does not have")
+            raise AdapterLoadError(f"{folder} adapts {module}, {shapes.describe(module)}")
         a, b = parts.get("A"), parts.get("B")
         if a is None or b is None or len(a) != 2 or len(b) != 2:
             raise AdapterLoadError(f"{folder}: {module} needs a 2-D lora_A and lora_B")
