@@ -7,12 +7,13 @@ values per token:
 - full attention;
 - sliding-window attention (mistral's ``sliding_window``, gemma2/3's sliding layers): the engine keeps every
   position, and the model's sliding-window mask hides those beyond the window. The mask is built from distances
-  between cache columns, which left padding does not change, so each row sees exactly its own window.
+  between cache columns, which left padding does not change, so each row sees exactly its own window;
+- chunked attention (llama4): transformers counts the chunks from each row's first unpadded column.
 
 Anything else is refused when the backend starts, with a sentence naming the architecture: state that is not per
 token (Mamba/SSM, linear attention, recurrent layers: falcon_h1, jamba, qwen3_next, …), layers that share another
-layer's cache (gemma3n), sparse-attention indexer keys (deepseek_v32), chunked attention (its chunks are counted
-from column 0, which left padding moves), and models that bring their own cache class (xlnet, rwkv, …).
+layer's cache (gemma3n), sparse-attention indexer keys (deepseek_v32), and models that bring their own cache class
+(xlnet, rwkv, …).
 """
 
 from __future__ import annotations
@@ -22,14 +23,20 @@ from pathlib import Path
 from typing import Any
 
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
+from transformers.cache_utils import (
+    DummyLayer,
+    DynamicIndexedLayer,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    LinearAttentionCacheLayerMixin,
+)
 
 from gateway.errors import BackendUnavailable
 
 _PER_TOKEN_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
 
 
-def cache_refusal(config: Any, model_class: type) -> str | None:
+def cache_refusal(config: Any, model_class: Any) -> str | None:
     """Why the engine cannot serve ``model_class`` built from ``config`` (one sentence), or ``None`` if it can."""
     name = f"{getattr(config, 'model_type', '?')} ({model_class.__name__})"
     supports_default = getattr(model_class, "_supports_default_dynamic_cache", None)
@@ -38,17 +45,25 @@ def cache_refusal(config: Any, model_class: type) -> str | None:
     if "cache" not in inspect.signature(model_class.forward).parameters:
         return f"the native backend cannot serve {name}: its forward pass takes no `cache` argument"
     text_config = config.get_text_config(decoder=True)
-    layer_types, _ = get_layer_types_and_kwargs(text_config)
-    if "chunked_attention" in layer_types:
-        return (f"the native backend cannot serve {name}: chunked attention counts its chunks from the first cache "
-                "column, which the engine's left-padded batches move")
-    others = sorted({type(layer).__name__ for layer in DynamicCache(config=text_config).layers
-                     if type(layer) not in _PER_TOKEN_LAYERS})
-    if others:
-        return (f"the native backend cannot serve {name}: its layers keep state other than per-token keys and values "
-                f"({', '.join(others)}: e.g. Mamba or linear-attention state), which the engine's batched cache "
-                "cannot carry per row; serve it with --backend vllm")
+    kinds: dict[str, set[str]] = {}
+    for layer in DynamicCache(config=text_config).layers:
+        if type(layer) not in _PER_TOKEN_LAYERS:
+            kinds.setdefault(_what(layer), set()).add(type(layer).__name__)
+    if kinds:
+        held = " and ".join(f"{what} ({', '.join(sorted(classes))})" for what, classes in sorted(kinds.items()))
+        return (f"the native backend cannot serve {name}: its cache holds {held}, which the engine's batched "
+                "key/value cache cannot carry per row; serve it with --backend vllm")
     return None
+
+
+def _what(layer: object) -> str:
+    if isinstance(layer, LinearAttentionCacheLayerMixin):
+        return "Mamba/linear-attention state"
+    if isinstance(layer, DummyLayer):
+        return "layers that reuse another layer's keys and values"
+    if isinstance(layer, DynamicIndexedLayer):
+        return "sparse-attention indexer keys"
+    return "layers of another kind"
 
 
 def folder_refusal(model_dir: str | Path) -> str | None:
@@ -63,6 +78,8 @@ def folder_refusal(model_dir: str | Path) -> str | None:
         config = AutoConfig.from_pretrained(str(model_dir))
         model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except (OSError, ValueError, KeyError):  # unreadable or not a causal LM transformers knows
+        return None
+    if not isinstance(model_class, type):  # several classes for one config: the one loaded is checked at load
         return None
     return cache_refusal(config, model_class)
 

@@ -32,6 +32,9 @@ _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidd
                num_key_value_heads=2, initializer_range=0.2, max_position_embeddings=512, pad_token_id=0,
                bos_token_id=1, eos_token_id=VOCAB - 1)
 _MOE = dict(moe_intermediate_size=32, num_experts_per_tok=2)
+# One sliding and one full layer. Untied: with gemma's embedding scale a tied head mostly repeats the input token.
+_GEMMA = dict(head_dim=16, tie_word_embeddings=False, sliding_window=SLIDING_WINDOW,
+              layer_types=["sliding_attention", "full_attention"])
 
 
 @dataclass(frozen=True)
@@ -53,11 +56,8 @@ ARCHITECTURES: dict[str, TinyModel] = {
     "qwen3": TinyModel("Qwen3Config", {"head_dim": 16}, ATTENTION + MLP),
     "mistral": TinyModel("MistralConfig", {"sliding_window": None}, ATTENTION + MLP),
     "mistral_sliding": TinyModel("MistralConfig", {"sliding_window": SLIDING_WINDOW}, ATTENTION + MLP),
-    "gemma2": TinyModel("Gemma2Config", {"head_dim": 16, "tie_word_embeddings": False, "sliding_window": SLIDING_WINDOW,
-                                         "layer_types": ["sliding_attention", "full_attention"]}, ATTENTION + MLP),
-    "gemma3": TinyModel("Gemma3TextConfig", {"head_dim": 16, "tie_word_embeddings": False, "sliding_window": SLIDING_WINDOW,
-                                             "layer_types": ["sliding_attention", "full_attention"]},
-                        ATTENTION + MLP),
+    "gemma2": TinyModel("Gemma2Config", _GEMMA, ATTENTION + MLP),
+    "gemma3": TinyModel("Gemma3TextConfig", _GEMMA, ATTENTION + MLP),
     "phi3": TinyModel("Phi3Config", {}, ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
     "glm4": TinyModel("Glm4Config", {"head_dim": 16}, ATTENTION + ("gate_up_proj", "down_proj")),
     "granite": TinyModel("GraniteConfig", {}, ATTENTION + MLP),
@@ -77,6 +77,9 @@ ARCHITECTURES: dict[str, TinyModel] = {
     "ernie4_5_moe": TinyModel("Ernie4_5_MoeConfig", {"moe_intermediate_size": 32, "moe_k": 2, "moe_num_experts": 4,
                                                      "moe_num_shared_experts": 1, "moe_layer_start_index": 1},
                               ATTENTION),
+    "llama4": TinyModel("Llama4TextConfig", {  # chunked attention layers (a chunk smaller than the prompts)
+        "head_dim": 16, "intermediate_size_mlp": 128, "num_local_experts": 2, "num_experts_per_tok": 1,
+        "interleave_moe_layer_step": 1, "attention_chunk_size": SLIDING_WINDOW, "no_rope_layers": [1, 0]}, ATTENTION),
     "qwen2_moe": TinyModel("Qwen2MoeConfig", {**_MOE, "num_experts": 4, "shared_expert_intermediate_size": 64},
                            ATTENTION),
     "falcon_h1": TinyModel("FalconH1Config", {
