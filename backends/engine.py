@@ -6,7 +6,9 @@ between two steps and joins the batch at the next one; a finished or cancelled s
 
 The batch's KV cache is left-padded: rows of different lengths share one ``[batch, heads, length, dim]`` tensor per
 layer, with an attention mask of zeros over the padding. Padding never changes a row's numbers (masked positions get
-zero attention weight), so in float32 a sequence's greedy output is the same alone or in any batch.
+zero attention weight), so in float32 a sequence's greedy output is the same alone or in any batch. Sliding-window
+and chunked layers are cached whole too (the model's mask applies the window); models whose cache holds anything
+but per-token keys and values are refused at load (``backends.kv_cache``).
 
 Model mutations (loading or deleting an adapter) are *commands* run on the engine thread between steps, so a forward
 pass never sees a half-loaded adapter.
