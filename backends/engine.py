@@ -6,7 +6,9 @@ between two steps and joins the batch at the next one; a finished or cancelled s
 
 The batch's KV cache is left-padded: rows of different lengths share one ``[batch, heads, length, dim]`` tensor per
 layer, with an attention mask of zeros over the padding. Padding never changes a row's numbers (masked positions get
-zero attention weight), so in float32 a sequence's greedy output is the same alone or in any batch.
+zero attention weight), so in float32 a sequence's greedy output is the same alone or in any batch. Sliding-window
+and chunked layers are cached whole too (the model's mask applies the window); models whose cache holds anything
+but per-token keys and values are refused at load (``backends.kv_cache``).
 
 Model mutations (loading or deleting an adapter) are *commands* run on the engine thread between steps, so a forward
 pass never sees a half-loaded adapter.
@@ -28,6 +30,7 @@ import torch
 from transformers import DynamicCache
 
 from backends.base import Delta, GenerationRequest, TokenLogprob
+from backends.kv_cache import kv_cache
 from backends.lora import LoraBank
 from backends.sampling import Choice, SamplingBatch, prompt_logprobs
 from backends.structured import RowGrammar, mask_logits
@@ -249,7 +252,7 @@ class Engine:
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
+            cache=cache,  # the argument's name since transformers 5.24 (`past_key_values` goes in 5.40)
             use_cache=True,
             logits_to_keep=0 if every_position else 1,
         )
@@ -315,8 +318,7 @@ class Engine:
             choice = self._sampling.choose(self._constrained(rows, logits))
         except Exception as exc:
             # The cache is updated layer by layer in place: layers before the failure hold one position more.
-            self._cache = DynamicCache(ddp_cache_data=[(k[:, :, :width], v[:, :, :width])
-                                                      for k, v in _key_values(self._cache)])
+            self._cache = kv_cache([(k[:, :, :width], v[:, :, :width]) for k, v in _key_values(self._cache)])
             failing = self._find_failing(rows, self._trial_decode)
             self._fail_rows(failing or rows, exc)
             if failing and self._rows:
@@ -361,8 +363,7 @@ class Engine:
         assert self._cache is not None and self._mask is not None and self._sampling is not None
         keep = [self._rows.index(s) for s in part]
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
-        cache = DynamicCache(ddp_cache_data=[(k.index_select(0, index), v.index_select(0, index))
-                                             for k, v in _key_values(self._cache)])
+        cache = kv_cache([(k.index_select(0, index), v.index_select(0, index)) for k, v in _key_values(self._cache)])
         logits = self._decode_forward(part, cache, self._mask.index_select(0, index))
         self._sampling.select(keep, index).choose(self._constrained(part, logits))
 
@@ -410,7 +411,7 @@ class Engine:
             keys = torch.cat([_left_pad(old_k, width), _left_pad(new_k, width)], dim=0)
             values = torch.cat([_left_pad(old_v, width), _left_pad(new_v, width)], dim=0)
             layers.append((keys, values))
-        self._cache = DynamicCache(ddp_cache_data=layers)
+        self._cache = kv_cache(layers)
         self._mask = torch.cat([_left_pad(self._mask, width), _left_pad(mask, width)], dim=0)
         self._rows = self._rows + list(joining)
         self._sampling = self._sampling.cat(sampling)
@@ -433,7 +434,7 @@ class Engine:
             (keys.index_select(0, index)[:, :, start:], values.index_select(0, index)[:, :, start:])
             for keys, values in _key_values(self._cache)
         ]
-        self._cache = DynamicCache(ddp_cache_data=layers)
+        self._cache = kv_cache(layers)
         self._mask = mask[:, start:]
 
 

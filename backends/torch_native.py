@@ -13,6 +13,7 @@ import torch
 
 from backends.base import Capabilities, Delta, GenerationRequest, Health
 from backends.engine import BASE_ADAPTER, Engine, Sequence
+from backends.kv_cache import check_cache
 from backends.lora import read_adapter
 from backends.structured import GrammarCompiler, RowGrammar
 from gateway.errors import BackendUnavailable, Conflict, GatewayError, InvalidRequest
@@ -90,6 +91,7 @@ class TorchBackend:
             return model.to(torch_device).eval()  # type: ignore[arg-type]  # transformers types .to oddly
 
         model = await anyio.to_thread.run_sync(load_model)
+        check_cache(model)  # hybrid/recurrent caches are refused here, with a sentence, not at the first request
         config = model.config
         context = max_model_len or getattr(config, "max_position_embeddings", None) or 4096
         eos = set()

@@ -243,6 +243,8 @@ def serve(
 ) -> None:
     """Serve the OpenAI-compatible API."""
     settings = server.settings()
+    if settings.backend == "torch" and settings.model:
+        _refuse_unservable_model(settings.model)
     if check_config:
         _check_config(settings)
         return
@@ -254,6 +256,16 @@ def serve(
         run_server(settings, log_level=log_level.lower(), access_log=False)
     except SettingsError as exc:  # unusable keys or limit storage, found when the app is built
         raise typer.BadParameter(str(exc)) from None
+
+
+def _refuse_unservable_model(model: str) -> None:
+    """A model the native engine cannot carry (a hybrid Mamba cache, …) is a usage error before anything starts,
+    not a traceback from the server's start-up (``TorchBackend.load`` refuses it the same way)."""
+    from backends.kv_cache import folder_refusal
+
+    refusal = folder_refusal(model)
+    if refusal is not None:
+        raise typer.BadParameter(refusal, param_hint="--model")
 
 
 def _check_config(settings: Settings) -> None:
