@@ -92,9 +92,9 @@ def _record(model: torch.nn.Module, layers: Mapping[str, torch.nn.Module],
         positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
         cache = DynamicCache()
         with torch.inference_mode():
-            model(input_ids=prompt, attention_mask=mask[:, :-1], position_ids=positions[:, :-1], past_key_values=cache,
+            model(input_ids=prompt, attention_mask=mask[:, :-1], position_ids=positions[:, :-1], cache=cache,
                   use_cache=True, logits_to_keep=1)
-            model(input_ids=step, attention_mask=mask, position_ids=positions[:, -1:], past_key_values=cache,
+            model(input_ids=step, attention_mask=mask, position_ids=positions[:, -1:], cache=cache,
                   use_cache=True, logits_to_keep=1)
     finally:
         for handle in handles:
