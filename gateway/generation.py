@@ -7,7 +7,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from backends.base import GenerationRequest, OutputConstraint, SamplingParams
 from gateway.adapters import Lease
@@ -82,10 +82,10 @@ class LogprobRequest:
     prompt: int | None = None
 
 
-def logit_bias(state: GatewayState, body: SamplingFields) -> tuple[tuple[int, float], ...]:
-    """The request's ``logit_bias`` as (token id, bias); ids must be tokens of the served vocabulary."""
+def logit_bias(tokenizer: Any, body: SamplingFields) -> tuple[tuple[int, float], ...]:
+    """The request's ``logit_bias`` as (token id, bias); ids must be tokens of the target's vocabulary."""
     pairs = []
-    vocab = len(state.tokenizer)
+    vocab = len(tokenizer)
     for key, bias in (body.logit_bias or {}).items():
         try:
             token = int(key)
@@ -130,12 +130,12 @@ def sampling_params(body: SamplingFields, max_tokens: int, stop: Sequence[str], 
     )
 
 
-def stop_token_ids(state: GatewayState, stops: Sequence[str]) -> list[int]:
-    """Stop strings that are single tokens of the vocabulary also stop generation by id."""
+def stop_token_ids(tokenizer: Any, stops: Sequence[str]) -> list[int]:
+    """Stop strings that are single tokens of the target's vocabulary also stop generation by id."""
     ids = []
-    unk = state.tokenizer.unk_token_id
+    unk = tokenizer.unk_token_id
     for stop in stops:
-        token_id = state.tokenizer.convert_tokens_to_ids(stop)
+        token_id = tokenizer.convert_tokens_to_ids(stop)
         if isinstance(token_id, int) and token_id != unk:
             ids.append(token_id)
     return ids
@@ -161,13 +161,14 @@ def choice_streams(state: GatewayState, target: Target, prompt: PreparedPrompt, 
         raise InvalidRequest(f"n is {n}, more choices than this server can queue (--max-queue "
                              f"{state.settings.max_queue})", param="n")
     stops = tuple(s for s in prompt.stop if s not in prompt.end) if body.ignore_eos else prompt.stop
-    ids = stop_token_ids(state, stops)
+    tokenizer = state.tokenizer_for(target)
+    ids = stop_token_ids(tokenizer, stops)
     defaults = state.policies.for_target(target).sampling.values
     observer = current_request()
     if observer is not None:
         observer.generation_started(prompt_tokens=len(prompt.token_ids), max_tokens=max_tokens, model=target.name,
                                     adapter=target.adapter)
-    bias = logit_bias(state, body)
+    bias = logit_bias(tokenizer, body)
     streams = []
     for choice in range(n):
         request = GenerationRequest(
@@ -177,7 +178,7 @@ def choice_streams(state: GatewayState, target: Target, prompt: PreparedPrompt, 
             adapter=target.adapter,
             sampling=sampling_params(body, max_tokens, stops, ids, choice, defaults, bias, logprobs, constraint),
         )
-        streams.append(stream_text(state.backend.generate(request), state.tokenizer, stops, observer,
+        streams.append(stream_text(state.backend.generate(request), tokenizer, stops, observer,
                                    clean_up=cleans_up(state)))
     return streams
 

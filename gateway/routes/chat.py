@@ -94,7 +94,7 @@ def render_chat(state: GatewayState, target: Target, body: ChatCompletionRequest
     if with_tools is None:
         with_tools = offers_tools(state, target, body)
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools and with_tools else None
-    tokenizer = state.tokenizer
+    tokenizer = state.tokenizer_for(target)
     rendering = target.template.render(
         messages,
         tools,
@@ -202,10 +202,10 @@ async def create_chat_completion(
     note_unknown_fields(state, body)
     check_sizes(state.settings, body.messages, body.tools)
     logprobs = logprob_request(body)
-    names = TokenNames(state.tokenizer) if logprobs.logprobs is not None else None
     resolution = resolve_route(state, body, request)  # a route becomes one of its variants before the lease
     async with state.adapters.leased(resolution.model) as lease:
         target = lease.target
+        names = TokenNames(state.tokenizer_for(target)) if logprobs.logprobs is not None else None
         chat = await prepare_off_loop(request, prepare_chat, state, target, body)
         prompt = chat.prompt
         parsers = [output_parser(target, body, chat.tools_offered) for _ in range(body.n)]
