@@ -31,6 +31,7 @@ class PreparedPrompt:
     stop: tuple[str, ...]  # the end tokens (below) + the request's stop strings
     end: tuple[str, ...] = ()  # what ends a generation unasked (template eos and stop words, see stop_tokens);
     # ``ignore_eos`` leaves these out and keeps only the request's own stops
+    end_complete: bool = False  # ``end`` is all that may end it unasked: an upstream's own eos ids must not
 
 
 def new_id(prefix: str) -> str:
@@ -101,7 +102,7 @@ def logit_bias(tokenizer: Any, body: SamplingFields) -> tuple[tuple[int, float],
 def sampling_params(body: SamplingFields, max_tokens: int, stop: Sequence[str], stop_token_ids: Sequence[int],
                     choice: int, defaults: Mapping[str, float | int] = OPENAI_DEFAULTS,
                     bias: tuple[tuple[int, float], ...] = (), logprobs: LogprobRequest = LogprobRequest(),
-                    constraint: OutputConstraint | None = None) -> SamplingParams:
+                    constraint: OutputConstraint | None = None, only_listed_stops: bool = False) -> SamplingParams:
     """The engine's parameters for one choice; a field the request leaves out takes the model's ``defaults``
     (``gateway.sampling_defaults``: request field name → value)."""
     # Choice i samples with seed + i, wrapped into the signed 64-bit range every engine takes.
@@ -118,6 +119,7 @@ def sampling_params(body: SamplingFields, max_tokens: int, stop: Sequence[str], 
         stop=tuple(stop),
         stop_token_ids=tuple(stop_token_ids),
         ignore_eos=body.ignore_eos,
+        only_listed_stops=only_listed_stops,
         frequency_penalty=body.frequency_penalty or 0.0,
         presence_penalty=body.presence_penalty or 0.0,
         repetition_penalty=1.0 if values["repetition_penalty"] is None else values["repetition_penalty"],
@@ -176,7 +178,8 @@ def choice_streams(state: GatewayState, target: Target, prompt: PreparedPrompt, 
             prompt_token_ids=prompt.token_ids,
             prompt_text=prompt.text,
             adapter=target.adapter,
-            sampling=sampling_params(body, max_tokens, stops, ids, choice, defaults, bias, logprobs, constraint),
+            sampling=sampling_params(body, max_tokens, stops, ids, choice, defaults, bias, logprobs, constraint,
+                                     only_listed_stops=prompt.end_complete),
         )
         streams.append(stream_text(state.backend.generate(request), tokenizer, stops, observer,
                                    clean_up=cleans_up(state)))

@@ -76,7 +76,8 @@ def prepare_prompts(state: GatewayState, target: Target, body: CompletionRequest
             text = tokenizer.decode(list(prompt), skip_special_tokens=False)
         if not token_ids:
             raise InvalidRequest("prompt must not be empty", param="prompt")
-        prepared.append(PreparedPrompt(text=text, token_ids=token_ids, stop=stops, end=state.model_eos))
+        prepared.append(PreparedPrompt(text=text, token_ids=token_ids, stop=stops, end=state.model_eos,
+                                       end_complete=bool(state.model_eos)))
     return prepared
 
 
