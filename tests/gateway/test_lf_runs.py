@@ -13,6 +13,7 @@ ChatModel answers on the merged model, which is what the adapter answered on the
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -152,3 +153,18 @@ async def test_a_merged_export_served_as_the_base_answers_as_its_adapter(name: s
         wrong = await _mismatches(client, {name: EXPORTS[name]}, "tokenizer", served_as={name: "merged"})
         assert not wrong, "\n".join(map(repr, wrong))
     assert [c["stream_answer"] for c in EXPORTS[name]] == [c["stream_answer"] for c in RUNS[name]]
+
+
+async def test_an_export_without_its_modelfile_gets_its_template_from_the_exported_jinja(tmp_path: Path) -> None:
+    """The Modelfile is Ollama's; a user may keep only the Hugging Face files. LLaMA-Factory also wrote its template's
+    Jinja into the exported tokenizer, which alone names ``alpaca`` (default system and all)."""
+    folder = tmp_path / "export_alpaca"
+    shutil.copytree(DATA / "export_alpaca", folder)
+    (folder / "Modelfile").unlink()
+    config = Settings(model=str(folder), served_model_name="merged", device="cpu", dtype="float32")
+    async for client in _gateway(config):
+        model = (await client.get("/v1/models")).json()["data"][0]
+        assert model["template"] == "alpaca"
+        assert model["template_source"].startswith("LLaMA-Factory's Jinja for template alpaca")
+        wrong = await _mismatches(client, {"alpaca": EXPORTS["alpaca"]}, "tokenizer", served_as={"alpaca": "merged"})
+        assert not wrong, "\n".join(map(repr, wrong))
