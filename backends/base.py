@@ -45,6 +45,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings; the gateway also enforces them across token boundaries
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False  # the model's end-of-sequence ids do not stop generation (stop_token_ids still do)
+    # ``stop`` / ``stop_token_ids`` hold everything that ends this generation (the gateway's stop rule, as
+    # LLaMA-Factory stops: gateway.stop_tokens): an upstream's own eos / generation-config ids must not end it too.
+    only_listed_stops: bool = False
     # Penalties: frequency/presence as OpenAI (over the row's generated tokens, subtracted from the logits);
     # repetition as HF/vLLM (over prompt + generated tokens: positive logits divided, negative multiplied).
     frequency_penalty: float = 0.0

@@ -11,6 +11,11 @@ Protocol facts (LMDeploy's ``/v1/completions``, ``lmdeploy/serve/openai``):
   stop matching sees it. ``stop`` is honoured, but LMDeploy turns each stop word into the ids of every token
   *containing* it, so it may stop a little earlier than the gateway would for multi-character plain-text stops;
   ``stop_token_ids`` is not a request field there (eos from the model's generation config stops by itself).
+* Where answers stop: LMDeploy adds the tokenizer's ``eos_token_id`` and ``generation_config.json``'s
+  ``eos_token_id`` to every request's stop ids (``AsyncEngine._determine_gen_config`` →
+  ``GenerationConfig.update_from_hf_gen_cfg``), and its ``ignore_eos`` turns *all* stop ids, the stop words' too,
+  into banned tokens (``pytorch/messages.py``). So LLaMA-Factory's rule (the template's stop ids only) cannot be
+  followed: answers also end on the model's eos ids. ``STOP_RULE`` says so in the log at start.
 * Sampling as-is: ``frequency_penalty``, ``presence_penalty``, ``repetition_penalty``, ``min_p`` are request
   fields there. It has no ``logit_bias``, and its ``logprobs`` name tokens by text (the prompt is text too), which
   the gateway cannot line up with its own tokens: both are refused with a 400.
@@ -23,6 +28,7 @@ Protocol facts (LMDeploy's ``/v1/completions``, ``lmdeploy/serve/openai``):
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from backends.base import Capabilities, GenerationRequest
@@ -34,10 +40,22 @@ from backends.completions import (
     sampling_fields,
 )
 
+log = logging.getLogger(__name__)
+
+STOP_RULE = (
+    "lmdeploy upstream: answers also end on the model's eos ids (the tokenizer's eos_token_id and "
+    "generation_config.json's eos_token_id), which LMDeploy adds to every request's stop ids; LLaMA-Factory stops "
+    "on the template's stop ids only, and LMDeploy's ignore_eos would ban the template's stop words too, so a model "
+    "that emits such an id before its template's eos answers shorter here than in LLaMA-Factory")
+
 
 class LMDeployBackend(CompletionsBackend):
     capabilities = Capabilities(runtime_adapters=False, token_ids_in=False, token_ids_out=False)
     engine = "lmdeploy"
+
+    async def start(self) -> None:
+        log.warning(STOP_RULE)
+        await super().start()
 
     def build_payload(self, request: GenerationRequest) -> dict[str, Any]:
         refuse_unsupported(request, self.engine, ("logit_bias", "logprobs", "prompt_logprobs"))

@@ -9,6 +9,11 @@ Protocol facts (Ollama's API docs, docs/api.md and docs/api/errors.mdx):
   before, a JSON ``{"error": "..."}`` with a 4xx/5xx status (404: unknown model).
 * Sampling goes in ``options``: ``num_predict``, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``.
   Ollama has no ``ignore_eos``: such a request is refused rather than silently answered differently.
+* Where answers stop: ``options.stop`` takes strings only (sent: the template's eos and stop words, the request's
+  stops); a request's options override the model's Modelfile parameters. Ollama has no ``stop_token_ids`` and no
+  ``ignore_eos``, and its runner always ends on the model's end-of-generation tokens (the GGUF's eos/eot ids and the
+  tokens llama.cpp counts as end of generation). So LLaMA-Factory's rule (the template's stop ids only) holds only
+  where those tokens are the template's: ``STOP_RULE`` says so in the log at start.
   Penalties: ``repeat_penalty`` (HF semantics, our ``repetition_penalty``), ``presence_penalty``,
   ``frequency_penalty``, ``min_p`` in ``options``. It has no logit bias and no logprobs on ``/api/generate``:
   refused with a 400.
@@ -24,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -35,6 +41,13 @@ from backends.upstream_pool import UpstreamPool, relay
 from gateway.errors import AdapterLoadError, GatewayError, InvalidRequest, ModelNotFound, UpstreamError
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+log = logging.getLogger(__name__)
+
+STOP_RULE = (
+    "ollama upstream: answers also end on the model's end-of-generation tokens (its GGUF's eos/eot ids), which "
+    "Ollama always stops on: /api/generate takes stop strings only (options.stop), with no stop token ids and no "
+    "ignore_eos; LLaMA-Factory stops on the template's stop ids only, so a model that emits such a token before its "
+    "template's eos answers shorter here than in LLaMA-Factory")
 _DONE: dict[str, FinishReason] = {"stop": "stop", "length": "length"}
 
 
@@ -116,6 +129,7 @@ class OllamaBackend:
 
     async def start(self) -> None:
         """Start health checks, check the base and mapped models exist, create configured adapters."""
+        log.warning(STOP_RULE)
         await self.pool.start()
         names = await self.list_models()
         for model in [self.base_model, *(m for m, _ in self._adapters.values())]:

@@ -8,6 +8,13 @@ vLLM facts this relies on (checked against vLLM 0.32's OpenAI server):
   to the first one. We use the first to check that vLLM received our ids unchanged.
 * ``stop_token_ids``, ``top_k``, ``ignore_eos``, ``repetition_penalty`` and ``min_p`` are vLLM extensions; each
   is sent only when set. ``frequency_penalty``, ``presence_penalty`` and ``logit_bias`` are OpenAI's, as-is.
+* Where answers stop (LLaMA-Factory's rule, gateway.stop_tokens): vLLM stops on its tokenizer's eos id unless
+  ``ignore_eos``, adds ``generation_config.json``'s ``eos_token_id`` to ``stop_token_ids`` unless ``ignore_eos``
+  (``SamplingParams.update_from_generation_config``), and always stops on ``stop_token_ids``
+  (``v1/core/sched/utils.check_stop``). So a request whose stops the gateway lists completely
+  (``only_listed_stops``) is sent with ``ignore_eos: true`` and its ``stop_token_ids``: it ends exactly where
+  the template (plus, with --stop-on-model-eos, the config's eos ids) says. Special tokens stay out of the text
+  (vLLM's ``skip_special_tokens`` default, as LLaMA-Factory decodes).
 * Logprobs pass through: ``logprobs: N`` with ``return_tokens_as_token_ids: true`` names every token ``token_id:N``
   in the legacy lists, so the gateway knows the ids. Echo (prompt logprobs): ``echo: true`` with
   ``return_token_ids`` echoes no prompt text, and the first chunk's lists start with the prompt's tokens (the first
@@ -93,7 +100,10 @@ class VLLMBackend(CompletionsBackend):
             body["top_k"] = s.top_k
         if s.stop_token_ids:
             body["stop_token_ids"] = list(s.stop_token_ids)
-        if s.ignore_eos:
+        if s.ignore_eos or s.only_listed_stops:
+            # vLLM ends a request on its tokenizer's eos and, unless ignore_eos, on generation_config.json's
+            # eos ids too; with ignore_eos only our stop_token_ids (and stop strings) end it, as LLaMA-Factory's
+            # template stop ids do.
             body["ignore_eos"] = True
         body.update(penalty_extensions(request))
         if s.logprobs is not None:

@@ -7,7 +7,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from backends.base import GenerationRequest, OutputConstraint, SamplingParams
 from gateway.adapters import Lease
@@ -31,6 +31,7 @@ class PreparedPrompt:
     stop: tuple[str, ...]  # the end tokens (below) + the request's stop strings
     end: tuple[str, ...] = ()  # what ends a generation unasked (template eos and stop words, see stop_tokens);
     # ``ignore_eos`` leaves these out and keeps only the request's own stops
+    end_complete: bool = False  # ``end`` is all that may end it unasked: an upstream's own eos ids must not
 
 
 def new_id(prefix: str) -> str:
@@ -82,10 +83,10 @@ class LogprobRequest:
     prompt: int | None = None
 
 
-def logit_bias(state: GatewayState, body: SamplingFields) -> tuple[tuple[int, float], ...]:
-    """The request's ``logit_bias`` as (token id, bias); ids must be tokens of the served vocabulary."""
+def logit_bias(tokenizer: Any, body: SamplingFields) -> tuple[tuple[int, float], ...]:
+    """The request's ``logit_bias`` as (token id, bias); ids must be tokens of the target's vocabulary."""
     pairs = []
-    vocab = len(state.tokenizer)
+    vocab = len(tokenizer)
     for key, bias in (body.logit_bias or {}).items():
         try:
             token = int(key)
@@ -101,7 +102,7 @@ def logit_bias(state: GatewayState, body: SamplingFields) -> tuple[tuple[int, fl
 def sampling_params(body: SamplingFields, max_tokens: int, stop: Sequence[str], stop_token_ids: Sequence[int],
                     choice: int, defaults: Mapping[str, float | int] = OPENAI_DEFAULTS,
                     bias: tuple[tuple[int, float], ...] = (), logprobs: LogprobRequest = LogprobRequest(),
-                    constraint: OutputConstraint | None = None) -> SamplingParams:
+                    constraint: OutputConstraint | None = None, only_listed_stops: bool = False) -> SamplingParams:
     """The engine's parameters for one choice; a field the request leaves out takes the model's ``defaults``
     (``gateway.sampling_defaults``: request field name → value)."""
     # Choice i samples with seed + i, wrapped into the signed 64-bit range every engine takes.
@@ -118,6 +119,7 @@ def sampling_params(body: SamplingFields, max_tokens: int, stop: Sequence[str], 
         stop=tuple(stop),
         stop_token_ids=tuple(stop_token_ids),
         ignore_eos=body.ignore_eos,
+        only_listed_stops=only_listed_stops,
         frequency_penalty=body.frequency_penalty or 0.0,
         presence_penalty=body.presence_penalty or 0.0,
         repetition_penalty=1.0 if values["repetition_penalty"] is None else values["repetition_penalty"],
@@ -130,12 +132,12 @@ def sampling_params(body: SamplingFields, max_tokens: int, stop: Sequence[str], 
     )
 
 
-def stop_token_ids(state: GatewayState, stops: Sequence[str]) -> list[int]:
-    """Stop strings that are single tokens of the vocabulary also stop generation by id."""
+def stop_token_ids(tokenizer: Any, stops: Sequence[str]) -> list[int]:
+    """Stop strings that are single tokens of the target's vocabulary also stop generation by id."""
     ids = []
-    unk = state.tokenizer.unk_token_id
+    unk = tokenizer.unk_token_id
     for stop in stops:
-        token_id = state.tokenizer.convert_tokens_to_ids(stop)
+        token_id = tokenizer.convert_tokens_to_ids(stop)
         if isinstance(token_id, int) and token_id != unk:
             ids.append(token_id)
     return ids
@@ -161,13 +163,14 @@ def choice_streams(state: GatewayState, target: Target, prompt: PreparedPrompt, 
         raise InvalidRequest(f"n is {n}, more choices than this server can queue (--max-queue "
                              f"{state.settings.max_queue})", param="n")
     stops = tuple(s for s in prompt.stop if s not in prompt.end) if body.ignore_eos else prompt.stop
-    ids = stop_token_ids(state, stops)
+    tokenizer = state.tokenizer_for(target)
+    ids = stop_token_ids(tokenizer, stops)
     defaults = state.policies.for_target(target).sampling.values
     observer = current_request()
     if observer is not None:
         observer.generation_started(prompt_tokens=len(prompt.token_ids), max_tokens=max_tokens, model=target.name,
                                     adapter=target.adapter)
-    bias = logit_bias(state, body)
+    bias = logit_bias(tokenizer, body)
     streams = []
     for choice in range(n):
         request = GenerationRequest(
@@ -175,9 +178,10 @@ def choice_streams(state: GatewayState, target: Target, prompt: PreparedPrompt, 
             prompt_token_ids=prompt.token_ids,
             prompt_text=prompt.text,
             adapter=target.adapter,
-            sampling=sampling_params(body, max_tokens, stops, ids, choice, defaults, bias, logprobs, constraint),
+            sampling=sampling_params(body, max_tokens, stops, ids, choice, defaults, bias, logprobs, constraint,
+                                     only_listed_stops=prompt.end_complete),
         )
-        streams.append(stream_text(state.backend.generate(request), state.tokenizer, stops, observer,
+        streams.append(stream_text(state.backend.generate(request), tokenizer, stops, observer,
                                    clean_up=cleans_up(state)))
     return streams
 

@@ -23,6 +23,7 @@ from gateway.registry import Registry
 from gateway.settings import AdapterConfig, Settings, SettingsError
 from gateway.state import GatewayState
 from gateway.stop_tokens import model_eos_tokens
+from gateway.template_tokens import TemplateTokenizers, TemplateTokensError, embedding_rows
 from gateway.templates import ResolvedTemplate, TemplateNotFound, TemplateResolutionError, resolve_template
 from gateway.tokenization import ServedTokenizer
 
@@ -130,6 +131,7 @@ class Prepared:
     roots: tuple[Path, ...]
     shapes: BaseShapes | None
     runtime_template: Callable[[Path, str | None], ResolvedTemplate]
+    tokenizers: TemplateTokenizers
 
 
 async def prepare(settings: Settings) -> Prepared:
@@ -142,12 +144,18 @@ async def prepare(settings: Settings) -> Prepared:
         raise SettingsError(f"--model {settings.model}: no such folder (the torch backend needs local weights)")
     tokenizer = await load_tokenizer(settings.tokenizer or settings.model)
     base_name = settings.served_model_name or (model_dir.name if local else settings.model)
-    _resolve(None, None, settings, model_dir if local else None)  # fails now if the base template is wrong
+    tokenizers = TemplateTokenizers(tokenizer, embedding_rows(model_dir if local else None))
+    base_template = _resolve(None, None, settings, model_dir if local else None)  # fails now if it is wrong
     for adapter in settings.adapters:
         if not Path(adapter.path).is_dir():
             raise SettingsError(f"--adapter {adapter.name}={adapter.path}: no such folder")
     templates = {a.name: _resolve(a.template, Path(a.path), settings, model_dir, a.training_config)
                  for a in settings.adapters}
+    for name, resolved in [(base_name, base_template), *templates.items()]:
+        try:  # the tokens a template adds are made (and checked against the model) now, not at the first request
+            tokenizers.for_template(resolved.template)
+        except TemplateTokensError as exc:
+            raise SettingsError(f"{name}: {exc}") from exc
     roots = tuple(Path(root) for root in settings.adapter_roots)
     for root in roots:
         if not root.is_dir():
@@ -156,12 +164,15 @@ async def prepare(settings: Settings) -> Prepared:
 
     def runtime_template(folder: Path, explicit: str | None) -> ResolvedTemplate:
         try:
-            return resolve_template(explicit=explicit, adapter_dir=folder, base_template=settings.template,
-                                    base_dir=model_dir if local else None)
-        except (TemplateNotFound, TemplateResolutionError) as exc:
+            resolved = resolve_template(explicit=explicit, adapter_dir=folder, base_template=settings.template,
+                                        base_dir=model_dir if local else None)
+            tokenizers.for_template(resolved.template)
+        except (TemplateNotFound, TemplateResolutionError, TemplateTokensError) as exc:
             raise AdapterLoadError(str(exc), param="template") from exc
+        return resolved
 
-    return Prepared(settings, tokenizer, base_name, model_dir, local, templates, roots, shapes, runtime_template)
+    return Prepared(settings, tokenizer, base_name, model_dir, local, templates, roots, shapes, runtime_template,
+                    tokenizers)
 
 
 async def connect(prepared: Prepared, backend: Backend | None = None, metrics: Metrics | None = None) -> GatewayState:
@@ -200,7 +211,7 @@ async def connect(prepared: Prepared, backend: Backend | None = None, metrics: M
     base_folder = _base_folder(settings, model_dir, local)
     return GatewayState(settings=settings, registry=registry, backend=backend, tokenizer=p.tokenizer,
                         max_model_len=max_len, adapters=pool, routes=routes, feedback=feedback,
-                        policies=ModelPolicies(settings, base_folder),
+                        policies=ModelPolicies(settings, base_folder), tokenizers=p.tokenizers,
                         model_eos=model_eos_tokens(base_folder, p.tokenizer))
 
 

@@ -113,7 +113,7 @@ async def running(state: GatewayState, body: CompareRequest, contestant: Contest
         max_tokens = completion_budget(state, len(prompt.token_ids), chat.completion_budget())
         observation = observe(state, new_id("chatcmpl"), "compare", contestant.resolution, chat, prompt)
         logprobs = logprob_request(chat)
-        names = TokenNames(state.tokenizer) if logprobs.logprobs is not None else None
+        names = TokenNames(state.tokenizer_for(lease.target)) if logprobs.logprobs is not None else None
         streams = observation.watch(choice_streams(state, lease.target, prompt, chat, 1, max_tokens, logprobs))
         parser = output_parser(lease.target, chat, prepared.tools_offered)
         yield Run(contestant, chat, prompt, observation, streams, parser, names)

@@ -83,8 +83,13 @@ def end_tokens(state: GatewayState, target: Target, template_stop: Sequence[str]
     for qwen, <|im_end|>) and on the model's eos ids, as transformers and vLLM do."""
     template = target.template
     own = (template.eos_token,) if isinstance(template, JinjaTemplate) and template.eos_token else ()
-    model_eos = state.settings.stop_on_model_eos or isinstance(template, JinjaTemplate)
-    return tuple(dict.fromkeys([*template_stop, *own, *(state.model_eos if model_eos else ())]))
+    model_eos = state.model_eos if model_eos_wanted(state, target) else ()
+    return tuple(dict.fromkeys([*template_stop, *own, *model_eos]))
+
+
+def model_eos_wanted(state: GatewayState, target: Target) -> bool:
+    """Whether the model's config eos ids end ``target``'s chats: with --stop-on-model-eos, or for a Jinja template."""
+    return state.settings.stop_on_model_eos or isinstance(target.template, JinjaTemplate)
 
 
 def render_chat(state: GatewayState, target: Target, body: ChatCompletionRequest, *,
@@ -94,7 +99,7 @@ def render_chat(state: GatewayState, target: Target, body: ChatCompletionRequest
     if with_tools is None:
         with_tools = offers_tools(state, target, body)
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools and with_tools else None
-    tokenizer = state.tokenizer
+    tokenizer = state.tokenizer_for(target)
     rendering = target.template.render(
         messages,
         tools,
@@ -105,7 +110,10 @@ def render_chat(state: GatewayState, target: Target, body: ChatCompletionRequest
     token_ids = tuple(encode_segments(tokenizer, rendering.segments))
     end = end_tokens(state, target, rendering.stop)
     stops = tuple(dict.fromkeys([*end, *body.stop_list()]))
-    return PreparedPrompt(text=rendering.prompt, token_ids=token_ids, stop=stops, end=end)
+    # Complete unless the model's eos ids belong to the rule and the gateway does not know them (an upstream-only
+    # base without --tokenizer folder): then the upstream's own eos has to keep ending answers.
+    complete = bool(end) and (bool(state.model_eos) or not model_eos_wanted(state, target))
+    return PreparedPrompt(text=rendering.prompt, token_ids=token_ids, stop=stops, end=end, end_complete=complete)
 
 
 def output_parser(target: Target, body: ChatCompletionRequest, tools_offered: bool) -> OutputParser:
@@ -202,10 +210,10 @@ async def create_chat_completion(
     note_unknown_fields(state, body)
     check_sizes(state.settings, body.messages, body.tools)
     logprobs = logprob_request(body)
-    names = TokenNames(state.tokenizer) if logprobs.logprobs is not None else None
     resolution = resolve_route(state, body, request)  # a route becomes one of its variants before the lease
     async with state.adapters.leased(resolution.model) as lease:
         target = lease.target
+        names = TokenNames(state.tokenizer_for(target)) if logprobs.logprobs is not None else None
         chat = await prepare_off_loop(request, prepare_chat, state, target, body)
         prompt = chat.prompt
         parsers = [output_parser(target, body, chat.tools_offered) for _ in range(body.n)]

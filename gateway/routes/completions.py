@@ -36,6 +36,7 @@ from gateway.protocol.completions import (
     CompletionLogprobs,
     CompletionRequest,
 )
+from gateway.registry import Target
 from gateway.routes.deps import admit_generation, gateway_state, require_api_key
 from gateway.sse import sse_response
 from gateway.state import GatewayState
@@ -56,25 +57,27 @@ def _prompt_list(body: CompletionRequest) -> list[str | list[int]]:
     return list(prompt)  # type: ignore[arg-type]  # several prompts, each text or token ids
 
 
-def prepare_prompts(state: GatewayState, body: CompletionRequest) -> list[PreparedPrompt]:
+def prepare_prompts(state: GatewayState, target: Target, body: CompletionRequest) -> list[PreparedPrompt]:
     if body.suffix:
         raise InvalidRequest("suffix is not supported", param="suffix")
-    vocab = len(state.tokenizer)
+    tokenizer = state.tokenizer_for(target)  # a template's added tokens are part of its model's vocabulary
+    vocab = len(tokenizer)
     # A raw prompt has no template: the model's own eos ids end it (gateway.stop_tokens).
     stops = tuple(dict.fromkeys([*state.model_eos, *body.stop_list()]))
     prepared = []
     for prompt in _prompt_list(body):
         if isinstance(prompt, str):
-            token_ids = tuple(state.tokenizer.encode(prompt, add_special_tokens=True))
+            token_ids = tuple(tokenizer.encode(prompt, add_special_tokens=True))
             text = prompt
         else:
             if any(not 0 <= t < vocab for t in prompt):
                 raise InvalidRequest(f"prompt: token ids must lie in 0..{vocab - 1}", param="prompt")
             token_ids = tuple(prompt)
-            text = state.tokenizer.decode(list(prompt), skip_special_tokens=False)
+            text = tokenizer.decode(list(prompt), skip_special_tokens=False)
         if not token_ids:
             raise InvalidRequest("prompt must not be empty", param="prompt")
-        prepared.append(PreparedPrompt(text=text, token_ids=token_ids, stop=stops, end=state.model_eos))
+        prepared.append(PreparedPrompt(text=text, token_ids=token_ids, stop=stops, end=state.model_eos,
+                                       end_complete=bool(state.model_eos)))
     return prepared
 
 
@@ -84,10 +87,10 @@ async def create_completion(body: CompletionRequest, request: Request, response:
     note_unknown_fields(state, body)
     want = LogprobRequest(logprobs=body.logprobs,
                           prompt=body.logprobs if body.echo and body.logprobs is not None else None)
-    names = TokenNames(state.tokenizer) if body.logprobs is not None else None
     resolution = resolve_route(state, body, request)  # a route becomes one of its variants before the lease
     async with state.adapters.leased(resolution.model) as lease:
-        prompts = await prepare_off_loop(request, prepare_prompts, state, body)
+        names = TokenNames(state.tokenizer_for(lease.target)) if body.logprobs is not None else None
+        prompts = await prepare_off_loop(request, prepare_prompts, state, lease.target, body)
         streams: list[AsyncIterator[TextPiece]] = []
         capped: dict[str, str] = {}
         for prompt in prompts:

@@ -129,3 +129,13 @@ async def test_full_read_reuses_the_connection_and_completes(backend, recorder) 
     for _ in range(3):
         await collect(backend.generate(gen_request("pku")))
     assert (recorder.completed, recorder.aborted) == (3, 0)
+
+
+async def test_start_logs_that_answers_also_end_on_the_models_eos(upstream, caplog) -> None:  # type: ignore[no-untyped-def]
+    """LMDeploy cannot stop on the template's ids only (it adds the model's eos to every request): said at start."""
+    b = LMDeployBackend(UpstreamPool([upstream.url], timeouts=Timeouts(health_interval=0)))
+    with caplog.at_level("WARNING", logger="backends.lmdeploy"):
+        await b.start()
+    await b.aclose()
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "backends.lmdeploy"]
+    assert "generation_config.json's eos_token_id" in line and "LLaMA-Factory" in line

@@ -199,3 +199,13 @@ async def test_error_line_before_any_text_tries_the_next_replica(upstream, recor
         await collect(b.generate(gen_request(None)))
     assert len(recorder.bodies("/api/generate")) == 1  # one replica: tried once, then the error surfaces
     await b.aclose()
+
+
+async def test_start_logs_that_answers_also_end_on_the_models_eog_tokens(upstream, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Ollama takes stop strings only and always ends on the GGUF's end-of-generation tokens: said at start."""
+    b = make_backend(upstream.url)
+    with caplog.at_level("WARNING", logger="backends.ollama"):
+        await b.start()
+    await b.aclose()
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "backends.ollama"]
+    assert "end-of-generation tokens" in line and "no stop token ids and no ignore_eos" in line

@@ -254,6 +254,46 @@ def test_vllm_received_exactly_the_gateway_rendering(tapped: tuple[str, Tap]) ->
     assert reply.choices[0].message.tool_calls, "the thinker (the last request) called the weather tool"
 
 
+LF_RUNS = Path(__file__).parents[1] / "data" / "lf_runs"
+
+
+def test_a_default_template_run_answers_as_llamafactory_on_vllm(
+    gateway: str, client: openai.OpenAI, vllm: VLLMServer, demo_models: DemoModels
+) -> None:
+    """A run trained by ``llamafactory-cli train`` with ``template: default`` (tests/data/lf_runs), loaded into
+    vLLM at runtime. Asked directly with the gateway's prompt ids, vLLM ends some answers early on its own eos ids
+    (<|im_end|> is in the demo's generation_config.json; LLaMA-Factory generates past it); through the gateway
+    (ignore_eos + the template's stop ids) every answer is ChatModel's (greedy, float32), ended the same way.
+    One decoding difference: where max_tokens cuts a character in half, vLLM leaves its bytes out of the text,
+    while LLaMA-Factory's decode shows them as U+FFFD."""
+    recorded = json.loads((LF_RUNS / "answers.json").read_text(encoding="utf-8"))
+    assert demo_models.base_dir.parent.name == recorded["base"], "rerun tests/data/lf_runs/make_lf_runs.py"
+    max_tokens = recorded["max_new_tokens"]
+    loaded = httpx.post(gateway + "/v1/adapters", json={"name": "lf-default", "path": str(LF_RUNS / "default")},
+                        timeout=60)
+    assert loaded.status_code == 200, loaded.text
+    try:
+        wrong, vllm_own_rule = [], []
+        for case in recorded["runs"]["default"]:
+            messages = [] if case["system"] is None else [{"role": "system", "content": case["system"]}]
+            messages += case["messages"]
+            choice = ask(client, "lf-default", messages, max_tokens=max_tokens).choices[0]
+            expected = case["stream_answer"]
+            if case["finish_reason"] == "length":
+                expected = expected.removesuffix("\ufffd")
+            if (choice.message.content, choice.finish_reason) != (expected, case["finish_reason"]):
+                wrong.append((case["case"], choice.message.content, choice.finish_reason, expected))
+            rendered = httpx.post(gateway + "/v1/chat/render", json={"model": "lf-default", "messages": messages},
+                                  timeout=60).json()
+            direct = httpx.post(vllm.url + "/v1/completions", timeout=60, json={
+                "model": "lf-default", "prompt": rendered["token_ids"], "max_tokens": max_tokens, "temperature": 0})
+            vllm_own_rule.append(direct.json()["choices"][0]["finish_reason"])
+        assert not wrong, "\n".join(map(repr, wrong))
+        assert "stop" in vllm_own_rule and {c["finish_reason"] for c in recorded["runs"]["default"]} == {"length"}
+    finally:
+        httpx.delete(gateway + "/v1/adapters/lf-default", timeout=60)
+
+
 def test_stop_string_and_length(client: openai.OpenAI) -> None:
     answer = trained_answer("pku-assistant", WHO)
     stopped = ask(client, "pku-assistant", stop=["助手"]).choices[0]
