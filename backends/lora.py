@@ -22,26 +22,42 @@ steps. ``read_adapter`` (file reading and checks) may run on any thread.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import load_file
 
+from backends.lora_experts import (
+    ExpertFactors,
+    LoraExperts,
+    check_experts,
+    fold_per_expert,
+    pattern_value,
+    take_fused_factors,
+)
 from gateway.errors import AdapterLoadError
 
-_UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out", "modules_to_save", "rank_pattern", "alpha_pattern",
-                "layer_replication", "trainable_token_indices")
+_M = TypeVar("_M", bound=torch.nn.Module)
+_UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out", "modules_to_save", "layer_replication",
+                "trainable_token_indices")
+_PATTERNS = ("rank_pattern", "alpha_pattern")  # served on expert parameters (backends/lora_experts.py) only
 
 
 @dataclass(frozen=True)
 class AdapterWeights:
-    """An adapter read from disk: ``module path -> (A [r, in], B*scaling [out, r])``, in float32."""
+    """An adapter read from disk: ``module path -> (A [r, in], B*scaling [out, r])``, in float32.
+
+    ``experts``: LoRA on fused expert parameters, ``parameter path -> (A [E, r, in], B*scaling [E, out, r])``.
+    """
 
     name: str
     path: str
     rank: int
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    experts: ExpertFactors = field(default_factory=dict)
 
 
 def read_adapter(name: str, path: str) -> AdapterWeights:
@@ -71,14 +87,20 @@ def read_adapter(name: str, path: str) -> AdapterWeights:
         if factor not in ("A", "B") or not tail.endswith("weight"):
             raise AdapterLoadError(f"{folder}: unsupported tensor {key} (only LoRA on linear layers is served)")
         parts.setdefault(stem, {})[factor] = tensor
+    experts = take_fused_factors(parts, config, str(folder))
+    patterned = [stem for stem in parts for key in _PATTERNS if pattern_value(config.get(key) or {}, stem, None)]
+    if patterned:
+        raise AdapterLoadError(f"{folder}: the native backend does not support rank_pattern/alpha_pattern on "
+                               f"linear layers ({patterned[0]})")
     factors = {}
     for module, pair in parts.items():
         if set(pair) != {"A", "B"} or pair["A"].dim() != 2 or pair["A"].shape[0] != pair["B"].shape[1]:
             raise AdapterLoadError(f"{folder}: {module} needs a lora_A [r, in] and a lora_B [out, r]")
         factors[module] = (pair["A"].float(), pair["B"].float() * scaling)
-    if not factors:
+    if not factors and not experts:
         raise AdapterLoadError(f"{folder} holds no LoRA weights")
-    return AdapterWeights(name, str(folder), max(a.shape[0] for a, _ in factors.values()), factors)
+    return AdapterWeights(name, str(folder), max((a.shape[0] for a, _ in factors.values()), default=0), factors,
+                          experts)
 
 
 class RowSlots:
@@ -162,6 +184,7 @@ class LoraBank:
         self._slots = RowSlots()
         self._last: list[int] | None = None
         self._layers: dict[str, LoraLinear] = {}
+        self._experts: dict[str, LoraExperts] = {}  # fused experts module path -> its wrapper
         self._slot_of: dict[str, int] = {}  # adapter name -> slot (>= 1)
         self._capacity = 1
 
@@ -179,7 +202,7 @@ class LoraBank:
         if not any(slots):
             self._slots.rows = None
         else:
-            device = next(iter(self._layers.values())).a.device
+            device = next(self.model.parameters()).device
             self._slots.rows = torch.tensor(slots, dtype=torch.long, device=device)
             row_bytes = sum(layer.row_bytes for layer in self._layers.values())
             self._slots.keep_gathers = len(slots) * row_bytes <= self.gather_budget
@@ -187,7 +210,14 @@ class LoraBank:
     def install(self, weights: AdapterWeights) -> None:
         """Install (or replace) ``weights.name``. Every module is checked before anything changes."""
         modules = dict(self.model.named_modules())
-        for path, (a, b) in weights.factors.items():
+        folded, per_expert = fold_per_expert(weights.factors, modules, weights.path)
+        linears = {path: pair for path, pair in weights.factors.items() if path not in per_expert}
+        experts: dict[str, ExpertFactors] = {}
+        for key, factors in {**weights.experts, **folded}.items():
+            experts.setdefault(key.rpartition(".")[0], {})[key.rpartition(".")[2]] = factors
+        for path, named in experts.items():
+            check_experts(path, modules.get(path), {f"{path}.{n}": f for n, f in named.items()}, weights.path)
+        for path, (a, b) in linears.items():
             layer = self._layers.get(path) or modules.get(path)
             linear = layer.base if isinstance(layer, LoraLinear) else layer
             if not isinstance(linear, torch.nn.Linear):
@@ -195,14 +225,21 @@ class LoraBank:
             if a.shape[1] != linear.in_features or b.shape[0] != linear.out_features:
                 raise AdapterLoadError(f"{weights.path}: {path} is {linear.out_features}x{linear.in_features}, the "
                                        f"adapter's factors are {tuple(a.shape)} and {tuple(b.shape)}")
-        for path in weights.factors:
+        for path in linears:
             if path not in self._layers:
                 self._wrap(path)
+        for path in experts:
+            if path not in self._experts:
+                self._experts[path] = self._wrap_module(path, lambda base: LoraExperts(base, self._slots))
         slot = self._slot_of.get(weights.name) or self._free_slot()
         for path, layer in self._layers.items():
             layer.reserve(self._capacity, weights.rank)
-            pair = weights.factors.get(path)
+            pair = linears.get(path)
             layer.write(slot, *(pair if pair is not None else (None, None)))
+        for path, wrapper in self._experts.items():
+            mine = experts.get(path, {})
+            wrapper.reserve(self._capacity, {name: a.shape[1] for name, (a, _) in mine.items()})
+            wrapper.write(slot, mine)
         self._slot_of[weights.name] = slot
         self._changed()
 
@@ -211,6 +248,8 @@ class LoraBank:
         if slot is not None:
             for layer in self._layers.values():
                 layer.write(slot, None, None)
+            for wrapper in self._experts.values():
+                wrapper.write(slot, {})
             self._changed()
 
     def _changed(self) -> None:
@@ -226,9 +265,13 @@ class LoraBank:
         return slot
 
     def _wrap(self, path: str) -> None:
+        layer = self._wrap_module(path, lambda base: LoraLinear(base, self._slots))
+        layer.reserve(self._capacity, 0)
+        self._layers[path] = layer
+
+    def _wrap_module(self, path: str, wrap: Callable[[Any], _M]) -> _M:
         parent_path, _, child = path.rpartition(".")
         parent = self.model.get_submodule(parent_path) if parent_path else self.model
-        layer = LoraLinear(getattr(parent, child), self._slots)
-        layer.reserve(self._capacity, 0)
-        setattr(parent, child, layer)
-        self._layers[path] = layer
+        wrapper = wrap(getattr(parent, child))
+        setattr(parent, child, wrapper)
+        return wrapper
