@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 SAFE_WEIGHTS = "adapter_model.safetensors"
 PICKLE_WEIGHTS = "adapter_model.bin"
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>A|B)(?:\.[^.]+)?\.weight$")
+# LoRA on fused MoE experts (peft's parameter wrappers ``…experts[.base_layer]``, or transformers-4 per-expert
+# ``…experts.N.proj`` on a base stored fused): its 3-D shapes are checked by the backend against the loaded model
+_EXPERTS_LORA = re.compile(r"\.experts(?:\.base_layer)*$|\.experts\.\d+\.[^.]+$")
+_EXPERT_PROJECTIONS = frozenset({"gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"})
 
 
 @dataclass(frozen=True)
@@ -49,9 +53,13 @@ class AdapterInfo:
 
 @dataclass(frozen=True)
 class BaseShapes:
-    """``module path -> (out_features, in_features)`` of every 2-D ``*.weight`` of the base model."""
+    """``module path -> (out_features, in_features)`` of every 2-D ``*.weight`` of the base model.
+
+    ``fused_experts``: the base stores MoE experts fused (``…experts.gate_up_proj``, transformers 5).
+    """
 
     linear: dict[str, tuple[int, int]]
+    fused_experts: bool = False
 
     @classmethod
     def read(cls, base_dir: Path | None) -> BaseShapes | None:
@@ -62,14 +70,16 @@ class BaseShapes:
         if not files:
             return None
         linear: dict[str, tuple[int, int]] = {}
+        fused = False
         for file in files:
             with safe_open(str(file), framework="pt") as handle:
                 for key in handle.keys():
+                    fused = fused or key.endswith(".experts.gate_up_proj")
                     if key.endswith(".weight"):
                         shape = handle.get_slice(key).get_shape()
                         if len(shape) == 2:
                             linear[key[: -len(".weight")]] = (int(shape[0]), int(shape[1]))
-        return cls(linear)
+        return cls(linear, fused)
 
     def module_names(self) -> set[str]:
         return {path.rsplit(".", 1)[-1] for path in self.linear}
@@ -154,7 +164,8 @@ def inspect_adapter(folder: Path, shapes: BaseShapes | None, *, base_names: Iter
     _note_base_name(folder, base_model, base_names)
     if shapes is not None:
         if not isinstance(targets, str):  # a string is a regex in peft: checked through the weights below
-            missing = sorted(set(target_modules) - shapes.module_names())
+            missing = sorted(set(target_modules) - shapes.module_names()
+                             - (_EXPERT_PROJECTIONS if shapes.fused_experts else set()))
             if missing:
                 raise AdapterLoadError(f"{folder} adapts modules the base does not have: {', '.join(missing)}")
         if safe:
@@ -201,6 +212,8 @@ def _check_shapes(folder: Path, weights: Path, shapes: BaseShapes, rank: int, ha
         raise AdapterLoadError(f"{folder}/{weights.name} holds no LoRA weights")
     for module, parts in sorted(ranks.items()):
         base = shapes.linear.get(module)
+        if base is None and _EXPERTS_LORA.search(module):
+            continue
         if base is None:
             raise AdapterLoadError(f"{folder} adapts {module}, which the served base does not have")
         a, b = parts.get("A"), parts.get("B")

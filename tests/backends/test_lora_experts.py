@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from backends.base import GenerationRequest, SamplingParams
 from backends.lora import LoraBank, read_adapter
 from backends.torch_native import TorchBackend
+from gateway.adapter_files import BaseShapes, inspect_adapter
 from gateway.errors import AdapterLoadError
 
 VOCAB = 96
@@ -38,9 +39,11 @@ ARCHS: dict[str, dict[str, Any]] = {
     "ernie4_5_moe": dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=24, moe_num_shared_experts=1,
                          moe_layer_start_index=0),
 }
-# LLaMA-Factory's `lora_target: all` names the projections; mixtral's experts are w1/w2/w3 in transformers 4 names.
+# LLaMA-Factory's `lora_target: all` names the projections; mixtral's experts are w1/w2/w3 (transformers 4 names).
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TARGETS = {"mixtral": ["q_proj", "v_proj", "w1", "w2", "w3"]}
+# deepseek_v3's MLA has no q/k/v_proj (LLaMA-Factory's `all` lists the linears the model has).
+TARGETS = {"mixtral": ["q_proj", "v_proj", "w1", "w2", "w3"],
+           "deepseek_v3": ["q_a_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 
 
 def build(arch: str, seed: int = 0) -> PreTrainedModel:
@@ -106,7 +109,8 @@ def test_rows_match_peft_alone_and_in_a_mixed_batch(arch_dirs: dict[str, Any]) -
         reference = _peft(arch_dirs, name)
         expected = _logits(reference, ids)
         picked = [i for i, row in enumerate(rows) if row == name]
-        assert torch.allclose(mixed[picked], expected[picked], atol=1e-5), (mixed[picked] - expected[picked]).abs().max()
+        gap = (mixed[picked] - expected[picked]).abs().max()
+        assert torch.allclose(mixed[picked], expected[picked], atol=1e-5), gap
         assert not torch.allclose(expected[picked], base[picked], atol=1e-3)  # the adapter does something
         bank.select([name] * len(rows))
         assert torch.allclose(_logits(model, ids), expected, atol=1e-5)  # the adapter alone, whole batch
@@ -229,3 +233,12 @@ def test_experts_of_another_model_size_are_refused_and_nothing_changes(tmp_path:
         bank.install(read_adapter("x", str(tmp_path / "x")))
     assert bank.names == ["a"]
     assert [type(m).__name__ for m in model.modules()] == before
+
+
+def test_the_gateway_file_check_lets_expert_adapters_through(arch_dirs: dict[str, Any], tmp_path: Path) -> None:
+    shapes = BaseShapes.read(arch_dirs["base"])  # transformers 5 saves the experts per expert again (2-D)
+    assert shapes is not None
+    assert inspect_adapter(arch_dirs["a"], shapes).rank == 4  # once refused: "adapts …mlp.experts, which the
+    if arch_dirs["arch"] in PER_EXPERT_NAMES:                   # served base does not have"
+        _per_expert_adapter(build(arch_dirs["arch"]), arch_dirs["arch"], tmp_path / "old", rank=4, alpha=4)
+        assert inspect_adapter(tmp_path / "old", shapes).target_modules
