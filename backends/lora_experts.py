@@ -54,6 +54,7 @@ FUSED_PARAMETERS = ("gate_up_proj", "up_proj", "down_proj")  # the experts modul
 _PER_EXPERT = re.compile(r"^(?P<experts>.+\.experts)\.(?P<index>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2)$")
 _GATE_UP_PART = {"gate_proj": 0, "w1": 0, "up_proj": 1, "w3": 1}  # place in the fused gate_up_proj: gate, then up
 _ALIGN = 4  # float32 elements of 16 bytes: grouped_mm wants strides that are multiples of 16 bytes
+_GATHER_LIMIT = 1 << 22  # elements of per-pair gathered LoRA factors (16 MB) above which pairs run grouped
 
 ExpertFactors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # parameter path -> (A [E, r, in], B*s [E, out, r])
 
@@ -240,8 +241,7 @@ class LoraExperts(torch.nn.Module):
         token_of = order // top_k
         expert_counts = torch.bincount(key // self.capacity, minlength=self.num_experts)
         adapted = torch.nonzero(key % self.capacity).squeeze(1)
-        group_counts = torch.bincount(key.index_select(0, adapted), minlength=self.num_experts * self.capacity)
-        lora = self._lora_for(adapted, group_counts)
+        lora = self._lora_for(adapted, key.index_select(0, adapted))
         hidden = x.index_select(0, token_of)
         base = self.base
         gate_up = grouped_linear(hidden, base.gate_up_proj.transpose(1, 2), expert_counts)
@@ -253,14 +253,29 @@ class LoraExperts(torch.nn.Module):
         return torch.zeros_like(x).index_add_(0, token_of, out.to(x.dtype))
 
     def _lora_for(self, adapted: torch.Tensor,
-                  counts: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor, str], None]:
+                  groups: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor, str], None]:
+        """``add(y, x, name)``: ``y[adapted] += x[adapted] @ A[group] @ B[group]`` for parameter ``name``.
+
+        Few pairs (decode): the pairs' factors are gathered and run as two ``bmm`` (the gathered copy is at most
+        ``_GATHER_LIMIT`` elements). Many pairs (prefill): one matmul per non-empty (expert, slot) group — CPU
+        ``grouped_mm`` visits every group, empty or not, which costs more here.
+        """
+        counts: list[torch.Tensor] = []
+
         def add(y: torch.Tensor, x: torch.Tensor, name: str) -> None:
             stack = self.stacks.get(name)
             if stack is None or adapted.numel() == 0:
                 return
             a, b = stack
-            h = grouped_linear(x.index_select(0, adapted).float(), a, counts)
-            y.index_add_(0, adapted, grouped_linear(h, b, counts).to(y.dtype))
+            x = x.index_select(0, adapted).float()
+            if adapted.numel() * a.shape[1] * a.shape[2] <= _GATHER_LIMIT:
+                h = torch.bmm(x.unsqueeze(1), a.index_select(0, groups))
+                delta = torch.bmm(h, b.index_select(0, groups)).squeeze(1)
+            else:
+                if not counts:
+                    counts.append(torch.bincount(groups, minlength=a.shape[0]))
+                delta = grouped_linear(grouped_linear(x, a, counts[0], loop=True), b, counts[0], loop=True)
+            y.index_add_(0, adapted, delta.to(y.dtype))
 
         return add
 
@@ -299,12 +314,15 @@ class LoraExperts(torch.nn.Module):
                 b_view[:, slot, : b.shape[2]] = b.transpose(1, 2)
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """``x [S, in]`` sorted by group, ``weight [groups, in, out]``, ``counts [groups]`` -> ``[S, out]``."""
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, loop: bool = False) -> torch.Tensor:
+    """``x [S, in]`` sorted by group, ``weight [groups, in, out]``, ``counts [groups]`` -> ``[S, out]``.
+
+    ``loop``: one matmul per non-empty group instead of ``grouped_mm``.
+    """
     if x.shape[0] == 0:
         return x.new_zeros((0, weight.shape[2]))
     x = x.to(weight.dtype)
-    if x.device.type == "cpu" and _aligned(x, weight):
+    if not loop and x.device.type == "cpu" and _aligned(x, weight):
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)
         return torch.nn.functional.grouped_mm(x, weight, offs=offsets)
     out = x.new_empty((x.shape[0], weight.shape[2]))

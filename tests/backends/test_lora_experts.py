@@ -17,6 +17,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from backends import lora_experts
 from backends.base import GenerationRequest, SamplingParams
 from backends.lora import LoraBank, read_adapter
 from backends.torch_native import TorchBackend
@@ -242,3 +243,18 @@ def test_the_gateway_file_check_lets_expert_adapters_through(arch_dirs: dict[str
     if arch_dirs["arch"] in PER_EXPERT_NAMES:                   # served base does not have"
         _per_expert_adapter(build(arch_dirs["arch"]), arch_dirs["arch"], tmp_path / "old", rank=4, alpha=4)
         assert inspect_adapter(tmp_path / "old", shapes).target_modules
+
+
+def test_many_pairs_take_the_grouped_path_with_the_same_numbers(arch_dirs: dict[str, Any],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prefill-sized batches run the LoRA one matmul per (expert, slot) group instead of gathered factors."""
+    ids = torch.randint(1, VOCAB - 1, (3, 5), generator=torch.Generator().manual_seed(5))
+    model = AutoModelForCausalLM.from_pretrained(arch_dirs["base"]).eval()
+    bank = LoraBank(model)
+    for name in ("a", "b"):
+        bank.install(read_adapter(name, str(arch_dirs[name])))
+    bank.select(["b", "a", None])
+    gathered = _logits(model, ids)
+    monkeypatch.setattr(lora_experts, "_GATHER_LIMIT", 0)
+    bank.select(["b", "a", None])
+    assert torch.allclose(_logits(model, ids), gathered, atol=1e-5)
