@@ -222,12 +222,16 @@ class LoraExperts(torch.nn.Module):
         self.num_experts = int(_unwrapped(base).down_proj.shape[0])
         self.capacity = 1
         self.stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.active = torch.zeros(1, dtype=torch.bool, device=_unwrapped(base).down_proj.device)  # slots adapting these
+        self._any_active = (-1, False)  # (rows version, whether any row's slot is active)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         rows = self.slots.rows
-        if rows is None or not self.stacks:
-            return self.base(hidden_states, top_k_index, top_k_weights)
+        if rows is not None and self._any_active[0] != self.slots.version:  # once per batch change, not per step
+            self._any_active = (self.slots.version, bool(self.active.index_select(0, rows).any()))
+        if rows is None or not self._any_active[1]:
+            return self.base(hidden_states, top_k_index, top_k_weights)  # no row adapts these experts
         return self._adapted(hidden_states, top_k_index, top_k_weights, rows)
 
     def _adapted(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
@@ -240,7 +244,7 @@ class LoraExperts(torch.nn.Module):
         key, order = torch.sort(key)
         token_of = order // top_k
         expert_counts = torch.bincount(key // self.capacity, minlength=self.num_experts)
-        adapted = torch.nonzero(key % self.capacity).squeeze(1)
+        adapted = torch.nonzero(self.active.index_select(0, key % self.capacity)).squeeze(1)
         lora = self._lora_for(adapted, key.index_select(0, adapted))
         hidden = x.index_select(0, token_of)
         base = self.base
@@ -298,10 +302,12 @@ class LoraExperts(torch.nn.Module):
                 a[:, :old_slots, :, :old_rank] = old[0].view(self.num_experts, old_slots, in_features, old_rank)
                 b[:, :old_slots, :old_rank] = old[1].view(self.num_experts, old_slots, old_rank, out_features)
             self.stacks[name] = (a.view(-1, in_features, rank), b.view(-1, rank, out_features))
+        self.active = torch.cat([self.active, self.active.new_zeros(slots - old_slots)])
         self.capacity = slots
 
     def write(self, slot: int, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Put one adapter's factors (``name -> (A [E, r, in], B [E, out, r])``) in ``slot``; zeros elsewhere."""
+        self.active[slot] = bool(factors)
         for name, (a_stack, b_stack) in self.stacks.items():
             a_view = a_stack.view(self.num_experts, self.capacity, *a_stack.shape[1:])
             b_view = b_stack.view(self.num_experts, self.capacity, *b_stack.shape[1:])

@@ -36,7 +36,7 @@ ARCHS: dict[str, dict[str, Any]] = {
                      first_k_dense_replace=1, n_group=1, topk_group=1, head_dim=16),
     "deepseek_v3": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, n_shared_experts=1,
                         first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=16, kv_lora_rank=16,
-                        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),
+                        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, num_key_value_heads=2),  # MLA: kv = q
     "ernie4_5_moe": dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=24, moe_num_shared_experts=1,
                          moe_layer_start_index=0),
 }
@@ -48,10 +48,10 @@ TARGETS = {"mixtral": ["q_proj", "v_proj", "w1", "w2", "w3"],
 
 
 def build(arch: str, seed: int = 0) -> PreTrainedModel:
-    options = {"intermediate_size": 40, **ARCHS[arch]}
+    options = {"intermediate_size": 40, "num_key_value_heads": 1, **ARCHS[arch]}
     config = AutoConfig.for_model(arch, vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  num_key_value_heads=1, initializer_range=0.2, max_position_embeddings=128,
-                                  eos_token_id=VOCAB - 1, pad_token_id=0, **options)
+                                  initializer_range=0.2, max_position_embeddings=128, eos_token_id=VOCAB - 1,
+                                  pad_token_id=0, **options)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
