@@ -31,7 +31,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import load_file
@@ -39,12 +39,14 @@ from safetensors.torch import load_file
 from backends.lora_config import check_config, module_scaling, token_indices
 from backends.lora_dora import OutputTerms, dora_factor
 from backends.lora_embeddings import RowHead, TokenModules, check_tokens
+from backends.lora_experts import ExpertFactors, LoraExperts, check_experts, fold_per_expert, take_fused_factors
 from backends.lora_files import sort_tensors
 from backends.lora_layout import row_layout
 from backends.lora_names import model_renamer
 from gateway.errors import AdapterLoadError
 
 _T = TypeVar("_T")
+_M = TypeVar("_M", bound=torch.nn.Module)
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,8 @@ class AdapterWeights:
     ``base_layer``: module path -> its own ``weight`` / ``bias``) and ``embedding_factors`` (LoRA on an embedding:
     ``(A [r, vocab], B*scaling [dim, r])``) and ``token_rows`` (``trainable_token_indices``: module path ->
     ``(token ids [k], their rows [k, dim])``).
+    ``experts``: LoRA on fused expert parameters, ``parameter path -> (A [E, r, in], B*scaling [E, out, r])``
+    (``backends.lora_experts``).
     """
 
     name: str
@@ -67,6 +71,7 @@ class AdapterWeights:
     modules: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     embedding_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     token_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    experts: ExpertFactors = field(default_factory=dict)
 
 
 def read_adapter(name: str, path: str) -> AdapterWeights:
@@ -85,6 +90,7 @@ def read_adapter(name: str, path: str) -> AdapterWeights:
     except Exception as exc:  # corrupt or truncated files raise many types
         raise AdapterLoadError(f"cannot read the weights in {folder}: {exc}") from exc
     parts = sort_tensors(tensors, config, str(folder))
+    experts = take_fused_factors(parts.linear, config, str(folder))  # LoRA on fused MoE expert parameters
     factors, embedding_factors, biases = {}, {}, {}
     for module, pair in parts.linear.items():
         if set(pair) - {"A", "B", "B.bias"} or {"A", "B"} - set(pair) or pair["A"].dim() != 2 \
@@ -116,11 +122,11 @@ def read_adapter(name: str, path: str) -> AdapterWeights:
             raise AdapterLoadError(f"{folder}: {module} has {tuple(rows.shape)} trainable token rows for {len(ids)} "
                                    "ids")
         token_rows[module] = (torch.tensor(ids, dtype=torch.long), rows)
-    if not (factors or embedding_factors or parts.modules or token_rows):
+    if not (factors or embedding_factors or parts.modules or token_rows or experts):
         raise AdapterLoadError(f"{folder} holds no LoRA weights")
     rank = max((a.shape[0] for a, _ in factors.values()), default=0)
     return AdapterWeights(name, str(folder), rank, factors, {k: v.float() for k, v in parts.magnitudes.items()},
-                          biases, parts.modules, embedding_factors, token_rows)
+                          biases, parts.modules, embedding_factors, token_rows, experts)
 
 
 class RowSlots:
@@ -219,6 +225,7 @@ class LoraBank:
         self._slots = RowSlots()
         self._last: list[int] | None = None
         self._layers: dict[str, LoraLinear] = {}
+        self._experts: dict[str, LoraExperts] = {}  # fused experts module path -> its wrapper
         self._slot_of: dict[str, int] = {}  # adapter name -> slot (>= 1)
         self._capacity = 1
         self._tokens = TokenModules(model, self._slots)
@@ -254,7 +261,17 @@ class LoraBank:
         """
         weights, named = _renamed(weights, model_renamer(self.model))
         modules = dict(self.model.named_modules())
-        for path, original in named.items():
+        folded, per_expert = fold_per_expert(weights.factors, modules, weights.path)
+        linears = {path: pair for path, pair in weights.factors.items() if path not in per_expert}
+        if set(per_expert) & (set(weights.magnitudes) | set(weights.biases)):
+            raise AdapterLoadError(f"{weights.path}: DoRA or lora_bias on per-expert layers is not served")
+        experts: dict[str, ExpertFactors] = {}
+        for key, factors in {**weights.experts, **folded}.items():
+            experts.setdefault(key.rpartition(".")[0], {})[key.rpartition(".")[2]] = factors
+        for path, named_factors in experts.items():
+            check_experts(path, modules.get(path), {f"{path}.{n}": f for n, f in named_factors.items()}, weights.path)
+        for path in linears:
+            original = named[path]
             layer = self._layers.get(path) or modules.get(path)
             linear = layer.base if isinstance(layer, LoraLinear | RowHead) else layer
             shown = path if path == original else f"{original} (the served model's {path})"
@@ -266,17 +283,20 @@ class LoraBank:
                                            f"adapter's DoRA magnitude / LoRA bias has shape {tuple(extra.shape)}")
         check_tokens(weights, self.model)
         layout = self._row_layout(weights.path)
-        for path in weights.factors:
+        for path in linears:
             if layout.get(path):
                 raise AdapterLoadError(f"{weights.path}: the served model's {path} cannot take a LoRA per request: "
                                        f"{layout[path]}")
-        for path in weights.factors:
+        for path in linears:
             if path not in self._layers:
                 self._wrap(path)
+        for path in experts:
+            if path not in self._experts:
+                self._experts[path] = self._wrap_module(path, lambda base: LoraExperts(base, self._slots))
         slot = self._slot_of.get(weights.name) or self._free_slot()
         for path, layer in self._layers.items():
             layer.reserve(self._capacity, weights.rank)
-            pair = weights.factors.get(path)
+            pair = linears.get(path)
             if pair is None:
                 layer.write(slot, None, None)
                 continue
@@ -286,6 +306,10 @@ class LoraBank:
             layer.write(slot, a, b if factor is None else b * factor.unsqueeze(1))
             layer.terms.write(slot, None if factor is None else factor - 1, weights.biases.get(path))
         self._tokens.install(slot, weights, self._capacity)
+        for path, wrapper in self._experts.items():
+            mine = experts.get(path, {})
+            wrapper.reserve(self._capacity, {name: a.shape[1] for name, (a, _) in mine.items()})
+            wrapper.write(slot, mine)
         self._slot_of[weights.name] = slot
         self._changed()
 
@@ -295,6 +319,8 @@ class LoraBank:
             for layer in self._layers.values():
                 layer.write(slot, None, None)
             self._tokens.clear(slot)
+            for wrapper in self._experts.values():
+                wrapper.write(slot, {})
             self._changed()
 
     def _changed(self) -> None:
@@ -326,14 +352,18 @@ class LoraBank:
         return self._layout
 
     def _wrap(self, path: str) -> None:
+        layer = self._wrap_module(path, lambda base: LoraLinear(base, self._slots))
+        layer.reserve(self._capacity, 0)
+        self._layers[path] = layer
+
+    def _wrap_module(self, path: str, wrap: Callable[[Any], _M]) -> _M:
         parent_path, _, child = path.rpartition(".")
         parent = self.model.get_submodule(parent_path) if parent_path else self.model
         if isinstance(getattr(parent, child), RowHead):  # an output head with per-row own weights: LoRA goes inside
             parent, child = getattr(parent, child), "base"
-        layer = LoraLinear(getattr(parent, child), self._slots)
-        layer.reserve(self._capacity, 0)
-        setattr(parent, child, layer)
-        self._layers[path] = layer
+        wrapper = wrap(getattr(parent, child))
+        setattr(parent, child, wrapper)
+        return wrapper
 
 
 def _check_target(adapter_path: str, model_class: str, shown: str, linear: torch.nn.Module | None, a: torch.Tensor,
@@ -365,5 +395,5 @@ def _renamed(weights: AdapterWeights, rename: Callable[[str], str]) -> tuple[Ada
     renamed = dataclasses.replace(
         weights, factors=paths(weights.factors), magnitudes=paths(weights.magnitudes), biases=paths(weights.biases),
         modules=paths(weights.modules), embedding_factors=paths(weights.embedding_factors),
-        token_rows=paths(weights.token_rows))
+        token_rows=paths(weights.token_rows), experts=paths(weights.experts))
     return renamed, {rename(path): path for path in weights.factors}

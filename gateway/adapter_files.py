@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 SAFE_WEIGHTS = "adapter_model.safetensors"
 PICKLE_WEIGHTS = "adapter_model.bin"
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>A|B)(?:\.[^.]+)?\.weight$")
+# LoRA on fused MoE experts (peft's parameter wrappers ``…experts[.base_layer]``, or transformers-4 per-expert
+# ``…experts.N.proj`` on a base stored fused): its 3-D shapes are checked by the backend against the loaded model
+_EXPERTS_LORA = re.compile(r"\.experts(?:\.base_layer)*$|\.experts\.\d+\.[^.]+$")
+_EXPERT_PROJECTIONS = frozenset({"gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"})
 
 
 @dataclass(frozen=True)
@@ -55,10 +59,12 @@ class BaseShapes:
     (EXAONE 3's ``transformer.h.0.attn.attention.q_proj`` is ``model.layers.0.self_attn.q_proj`` once loaded):
     adapters trained before transformers 5 carry the first, adapters trained with it the second.
     ``tensors``: every tensor name of the checkpoint, to say what the base has where no linear layer is.
+    ``fused_experts``: the base stores MoE experts fused (``…experts.gate_up_proj``, transformers 5).
     """
 
     linear: dict[str, tuple[int, int]]
     tensors: frozenset[str] = frozenset()
+    fused_experts: bool = False
 
     @classmethod
     def read(cls, base_dir: Path | None) -> BaseShapes | None:
@@ -84,7 +90,7 @@ class BaseShapes:
         if renamings:
             for path, shape in list(linear.items()):
                 linear.setdefault(rename_module(path, renamings), shape)
-        return cls(linear, frozenset(tensors))
+        return cls(linear, frozenset(tensors), any(t.endswith(".experts.gate_up_proj") for t in tensors))
 
     def describe_target(self, target: str) -> str:
         """``target`` (a ``target_modules`` entry no linear layer matches) and what the base has of that name."""
@@ -203,7 +209,8 @@ def inspect_adapter(folder: Path, shapes: BaseShapes | None, *, base_names: Iter
     _note_base_name(folder, base_model, base_names)
     if shapes is not None:
         if not isinstance(targets, str):  # a string is a regex in peft: checked through the weights below
-            missing = sorted(t for t in target_modules if not shapes.has_module(t))
+            missing = sorted(t for t in target_modules if not shapes.has_module(t)
+                             and not (shapes.fused_experts and t in _EXPERT_PROJECTIONS))
             if missing:
                 raise AdapterLoadError(f"{folder}/adapter_config.json: target_modules names "
                                        f"{'; '.join(shapes.describe_target(t) for t in missing)}")
@@ -251,6 +258,8 @@ def _check_shapes(folder: Path, weights: Path, shapes: BaseShapes, rank: int, ha
         raise AdapterLoadError(f"{folder}/{weights.name} holds no LoRA weights")
     for module, parts in sorted(ranks.items()):
         base = shapes.linear.get(module)
+        if base is None and _EXPERTS_LORA.search(module):
+            continue
         if base is None:
             raise AdapterLoadError(f"{folder} adapts {module}, {shapes.describe(module)}")
         a, b = parts.get("A"), parts.get("B")
