@@ -27,11 +27,9 @@ from transformers import AutoModelForCausalLM
 
 from backends.base import GenerationRequest, SamplingParams
 from backends.torch_native import TorchBackend
-from gateway.errors import AdapterLoadError, BackendUnavailable, GatewayError
+from gateway.errors import BackendUnavailable
 from tests.backends.tiny_models import (
     ARCHITECTURES,
-    ATTENTION,
-    MLP,
     SLIDING_WINDOW,
     VOCAB,
     all_linear_targets,
@@ -127,9 +125,15 @@ async def _batch_joining_late(backend: TorchBackend, rows: list[tuple[list[int],
     return [list(f.token_ids) + r for f, r in zip(firsts, rests, strict=True)] + list(await asyncio.gather(*late))
 
 
-def test_the_table_uses_lora_target_all_for_dense_models() -> None:
-    for name in DENSE:
-        assert set(ARCHITECTURES[name].targets) == set(all_linear_targets(build(name))), name
+def test_the_table_covers_lora_target_all() -> None:
+    """Dense models get exactly LLaMA-Factory's `all`; the others at least that (plus the names peft moves onto the
+    fused experts)."""
+    for name in ARCHITECTURES:
+        found = set(all_linear_targets(build(name)))
+        if name in DENSE:
+            assert set(ARCHITECTURES[name].targets) == found, name
+        elif name not in ("llama4", *REFUSED):
+            assert set(ARCHITECTURES[name].targets) >= found, name
 
 
 WINDOWS = ("sliding_window", "attention_chunk_size")
@@ -187,37 +191,6 @@ async def test_mixed_batch_with_late_joins_equals_each_row_alone(name: str, buil
     finally:
         await backend.aclose()
     assert got == expected
-
-
-# LLaMA-Factory's `lora_target: all` on the MoE / MLA models: every linear layer, and the expert weights peft 0.21
-# adapts through the same names. Each failing case names the LoRA part being made servable (issue 15).
-_FUSED = "peft adapts the fused expert weights (saved with rank_pattern/alpha_pattern), which are refused"
-WIDE = {
-    "deepseek_v3": (ARCHITECTURES["deepseek_v3"].targets + ("kv_b_proj",) + MLP,
-                    f"{_FUSED}; MLA's kv_b_proj sees a 4-D input"),
-    "qwen3_moe": (ATTENTION + MLP, _FUSED),
-    "glm4_moe": (ATTENTION + MLP, _FUSED),
-    "ernie4_5_moe": (ATTENTION + MLP, _FUSED),
-    "qwen2_moe": (ATTENTION + MLP + ("shared_expert_gate",), None),
-}  # mixtral: transformers 5 fuses its experts under other names, so `all` is its attention, as in the table
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=why, raises=AdapterLoadError if "fused" in why
-                                            else GatewayError)) if why else n
-    for n, (_, why) in WIDE.items()])
-async def test_adapter_on_every_linear_layer_equals_peft(name: str, built: Builder) -> None:
-    reference = built(name, WIDE[name][0])
-    rows = [(p, a) for p in PROMPTS[:2] for a in (None, "tuned")]
-    backend = await _backend(reference, adapter=True)
-    try:
-        alone = [await _tokens(backend.generate(_request(p, "tuned"))) for p in PROMPTS]
-        mixed = await _batch_joining_late(backend, rows)
-    finally:
-        await backend.aclose()
-    assert alone == reference.adapter_tokens
-    assert mixed == [reference.base_tokens[PROMPTS.index(p)] if a is None
-                     else reference.adapter_tokens[PROMPTS.index(p)] for p, a in rows]
 
 
 @pytest.mark.parametrize("name", list(REFUSED))

@@ -9,9 +9,9 @@ Sizes: vocab 256, hidden 64, 2 layers, 4 heads (2 key/value heads), 4 experts (2
 ``initializer_range=0.2``: with the default 0.02 the logits are nearly flat and greedy choices hang on rounding.
 
 Targets: dense architectures get LLaMA-Factory's ``lora_target: all`` (the last name of every ``nn.Linear`` except
-the output head, as its ``find_all_linear_modules`` collects them); MoE architectures and DeepSeek's MLA get their
-attention projections only for now (expert weights, the 2-D shared-expert input and MLA's ``kv_b_proj`` are being
-made servable separately; widen ``targets`` when they are).
+the output head, as its ``find_all_linear_modules`` collects them); MoE architectures get attention and the MLP names
+too, which peft 0.21 turns into LoRA on the fused expert weights (``target_parameters``), and DeepSeek every MLA
+projection (``kv_b_proj`` sees a 4-D input). llama4 keeps attention only: its experts are not served (yet).
 """
 
 from __future__ import annotations
@@ -67,21 +67,22 @@ ARCHITECTURES: dict[str, TinyModel] = {
     "deepseek_v3": TinyModel("DeepseekV3Config", {
         **_MOE, "n_routed_experts": 4, "n_shared_experts": 1, "n_group": 1, "topk_group": 1,
         "first_k_dense_replace": 1, "q_lora_rank": 16, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
-        "qk_nope_head_dim": 8, "v_head_dim": 16, "num_key_value_heads": 4}, ("q_a_proj", "q_b_proj",
-                                                                             "kv_a_proj_with_mqa", "o_proj")),
-    "qwen3_moe": TinyModel("Qwen3MoeConfig", {**_MOE, "num_experts": 4, "head_dim": 16}, ATTENTION),
-    "mixtral": TinyModel("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}, ATTENTION),
+        "qk_nope_head_dim": 8, "v_head_dim": 16, "num_key_value_heads": 4},
+        ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj") + MLP),
+    "qwen3_moe": TinyModel("Qwen3MoeConfig", {**_MOE, "num_experts": 4, "head_dim": 16}, ATTENTION + MLP),
+    "mixtral": TinyModel("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2},
+                         ATTENTION + ("w1", "w2", "w3")),
     "glm4_moe": TinyModel("Glm4MoeConfig", {**_MOE, "n_routed_experts": 4, "n_shared_experts": 1, "n_group": 1,
                                             "topk_group": 1, "first_k_dense_replace": 1, "head_dim": 16},
-                          ATTENTION),
+                          ATTENTION + MLP),
     "ernie4_5_moe": TinyModel("Ernie4_5_MoeConfig", {"moe_intermediate_size": 32, "moe_k": 2, "moe_num_experts": 4,
                                                      "moe_num_shared_experts": 1, "moe_layer_start_index": 1},
-                              ATTENTION),
+                              ATTENTION + MLP),
     "llama4": TinyModel("Llama4TextConfig", {  # chunked attention layers (a chunk smaller than the prompts)
         "head_dim": 16, "intermediate_size_mlp": 128, "num_local_experts": 2, "num_experts_per_tok": 1,
         "interleave_moe_layer_step": 1, "attention_chunk_size": SLIDING_WINDOW, "no_rope_layers": [1, 0]}, ATTENTION),
     "qwen2_moe": TinyModel("Qwen2MoeConfig", {**_MOE, "num_experts": 4, "shared_expert_intermediate_size": 64},
-                           ATTENTION),
+                           ATTENTION + MLP + ("shared_expert_gate",)),
     "falcon_h1": TinyModel("FalconH1Config", {
         "head_dim": 16, "mamba_d_ssm": 64, "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_n_groups": 1,
         "mamba_d_state": 16, "mamba_d_conv": 4, "mamba_expand": 1, "mamba_chunk_size": 16}, ATTENTION + MLP),
