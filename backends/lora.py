@@ -43,6 +43,7 @@ from backends.lora_experts import ExpertFactors, LoraExperts, check_experts, fol
 from backends.lora_files import sort_tensors
 from backends.lora_layout import row_layout
 from backends.lora_names import model_renamer
+from backends.lora_stacks import grown
 from gateway.errors import AdapterLoadError
 
 _T = TypeVar("_T")
@@ -191,15 +192,9 @@ class LoraLinear(torch.nn.Module):
 
     def reserve(self, slots: int, rank: int) -> None:
         """Grow the stacks to at least ``slots`` slots and ``rank`` (new room is zeros)."""
-        old_slots, old_rank = self.a.shape[0], self.a.shape[2]
-        if slots <= old_slots and rank <= old_rank:
-            return
-        slots, rank = max(slots, old_slots), max(rank, old_rank)
-        a = self.a.new_zeros((slots, self.a.shape[1], rank))
-        b = self.b.new_zeros((slots, rank, self.b.shape[2]))
-        a[:old_slots, :, :old_rank] = self.a
-        b[:old_slots, :old_rank] = self.b
-        self.a, self.b = a, b
+        stacks = grown(self.a, self.b, slots, rank)
+        if stacks is not None:
+            self.a, self.b = stacks
         self.terms.reserve(slots)
 
     def write(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:

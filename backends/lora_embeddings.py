@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.func import functional_call
 
+from backends.lora_stacks import grown
 from gateway.errors import AdapterLoadError
 
 if TYPE_CHECKING:
@@ -79,15 +80,9 @@ class RowEmbedding(torch.nn.Module):
         return y
 
     def reserve(self, slots: int, rank: int) -> None:
-        old_slots, old_rank = self.a.shape[0], self.a.shape[2]
-        if slots <= old_slots and rank <= old_rank:
-            return
-        slots, rank = max(slots, old_slots), max(rank, old_rank)
-        a = self.a.new_zeros((slots, self.a.shape[1], rank))
-        b = self.b.new_zeros((slots, rank, self.b.shape[2]))
-        a[:old_slots, :, :old_rank] = self.a
-        b[:old_slots, :old_rank] = self.b
-        self.a, self.b = a, b
+        stacks = grown(self.a, self.b, slots, rank)
+        if stacks is not None:
+            self.a, self.b = stacks
 
     def write(self, slot: int, weight: torch.Tensor | None, factors: tuple[torch.Tensor, torch.Tensor] | None,
               tokens: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
