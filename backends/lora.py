@@ -371,6 +371,10 @@ def _check_target(adapter_path: str, model_class: str, shown: str, linear: torch
         raise AdapterLoadError(f"{adapter_path}: {wants}, but the served model has a "
                                f"{type(linear).__name__} there, not an nn.Linear; the native backend adapts linear "
                                "layers only")
+    if type(linear).forward is not torch.nn.Linear.forward:  # e.g. llama4's router returns (scores, logits)
+        raise AdapterLoadError(f"{adapter_path}: {wants}, but the served model has a {type(linear).__name__} there, "
+                               "an nn.Linear with a forward of its own; the native backend adapts plain linear layers "
+                               "only")
     if a.shape[1] != linear.in_features or b.shape[0] != linear.out_features:
         raise AdapterLoadError(f"{adapter_path}: {wants}, but the served model has an nn.Linear from "
                                f"{linear.in_features} to {linear.out_features} features there (trained on another "

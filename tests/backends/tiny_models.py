@@ -11,7 +11,7 @@ Sizes: vocab 256, hidden 64, 2 layers, 4 heads (2 key/value heads), 4 experts (2
 Targets: dense architectures get LLaMA-Factory's ``lora_target: all`` (the last name of every ``nn.Linear`` except
 the output head, as its ``find_all_linear_modules`` collects them); MoE architectures get attention and the MLP names
 too, which peft 0.21 turns into LoRA on the fused expert weights (``target_parameters``), and DeepSeek every MLA
-projection (``kv_b_proj`` sees a 4-D input). llama4 keeps attention only: its experts are not served (yet).
+projection (``kv_b_proj`` sees a 4-D input).
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ ARCHITECTURES: dict[str, TinyModel] = {
                               ATTENTION + MLP),
     "llama4": TinyModel("Llama4TextConfig", {  # chunked attention layers (a chunk smaller than the prompts)
         "head_dim": 16, "intermediate_size_mlp": 128, "num_local_experts": 2, "num_experts_per_tok": 1,
-        "interleave_moe_layer_step": 1, "attention_chunk_size": SLIDING_WINDOW, "no_rope_layers": [1, 0]}, ATTENTION),
+        "interleave_moe_layer_step": 1, "attention_chunk_size": SLIDING_WINDOW, "no_rope_layers": [1, 0]},
+        ATTENTION + MLP),  # peft puts the MLP names on the shared expert only
     "qwen2_moe": TinyModel("Qwen2MoeConfig", {**_MOE, "num_experts": 4, "shared_expert_intermediate_size": 64},
                            ATTENTION + MLP + ("shared_expert_gate",)),
     "falcon_h1": TinyModel("FalconH1Config", {
@@ -97,7 +98,10 @@ def build(name: str, seed: int = 0) -> torch.nn.Module:
 
 
 def all_linear_targets(model: torch.nn.Module) -> tuple[str, ...]:
-    """LLaMA-Factory's ``lora_target: all``: the last name of every ``nn.Linear`` outside the output head."""
+    """LLaMA-Factory's ``lora_target: all`` (0.9.5's ``find_all_linear_modules``): the last name of every module
+    whose class name says ``Linear`` (not ``Embedding``) outside the output head — llama4's ``Llama4Router``, an
+    ``nn.Linear`` subclass, is left out by that rule."""
     names = {path.rsplit(".", 1)[-1] for path, module in model.named_modules()
-             if isinstance(module, torch.nn.Linear) and "lm_head" not in path}
+             if "Linear" in type(module).__name__ and "Embedding" not in type(module).__name__
+             and "lm_head" not in path}
     return tuple(sorted(names))
