@@ -27,6 +27,7 @@ from scipy.stats import t as student_t
 from threadpoolctl import threadpool_limits
 
 from gateway.experiments.store import Battle, Served
+from gateway.protocol.experiments import VariantRow
 
 SCALE = 400.0
 BASE = 10.0
@@ -111,23 +112,6 @@ def _bradley_terry(battles: Sequence[Battle], rounds: int, seed: int) -> list[Ra
     return sorted(out, key=lambda r: -r.rating)
 
 
-@dataclass(frozen=True)
-class VariantFigures:
-    """Serving figures of one model, on its own (``route`` None) or as a route's variant."""
-
-    route: str | None
-    model: str
-    requests: int
-    errors: int
-    latency_p50_s: float | None
-    latency_p95_s: float | None
-    completion_tokens: int
-    scores: int
-    mean_score: float | None
-    score_ci_low: float | None  # 95 % Student-t interval of the mean (needs two scores)
-    score_ci_high: float | None
-
-
 def mean_interval(values: Sequence[float]) -> tuple[float | None, float | None, float | None]:
     """Mean and its 95 % Student-t interval; ``None`` where it is undefined."""
     if not values:
@@ -140,7 +124,8 @@ def mean_interval(values: Sequence[float]) -> tuple[float | None, float | None, 
     return mean, mean - half, mean + half
 
 
-def variant_figures(served: Sequence[Served]) -> list[VariantFigures]:
+def variant_figures(served: Sequence[Served]) -> list[VariantRow]:
+    """Serving figures of every model, on its own (``route`` None) or as a route's variant."""
     groups: dict[tuple[str | None, str], list[Served]] = defaultdict(list)
     for row in served:
         groups[(row.route, row.model)].append(row)
@@ -149,7 +134,7 @@ def variant_figures(served: Sequence[Served]) -> list[VariantFigures]:
         latencies = [r.latency_s for r in rows if r.status == "ok"]
         scores = [r.score for r in rows if r.score is not None]
         mean, low, high = mean_interval(scores)
-        out.append(VariantFigures(
+        out.append(VariantRow(
             route=route, model=model, requests=len(rows), errors=sum(r.status == "error" for r in rows),
             latency_p50_s=float(np.percentile(latencies, 50)) if latencies else None,
             latency_p95_s=float(np.percentile(latencies, 95)) if latencies else None,

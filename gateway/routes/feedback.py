@@ -13,7 +13,6 @@ from gateway.protocol.experiments import (
     Leaderboard,
     ModelRating,
     RevealedResponse,
-    VariantRow,
 )
 from gateway.routes.deps import gateway_state, require_api_key
 from gateway.state import GatewayState
@@ -53,5 +52,5 @@ async def leaderboard(
         bootstrap_rounds=bootstrap_rounds,
         models=[ModelRating(model=r.model, rating=r.rating, ci_low=r.ci_low, ci_high=r.ci_high, battles=r.battles,
                             wins=r.wins, losses=r.losses, ties=r.ties, win_rate=r.win_rate) for r in ratings],
-        variants=[VariantRow(**vars(v)) for v in variant_figures(served)],
+        variants=variant_figures(served),
     )
