@@ -92,8 +92,15 @@ def check_cache(model: Any) -> None:
 
 
 def kv_cache(layers: list[tuple[Any, Any]]) -> DynamicCache:
-    """A ``DynamicCache`` of full-attention layers holding ``(keys, values)`` per layer, through ``Cache.update``."""
+    """A ``DynamicCache`` of full-attention layers holding ``(keys, values)`` per layer, without copying them.
+
+    Each layer is initialised through ``Cache.update`` with none of the positions (its dtype and device), then holds
+    the given tensors: updating with the whole tensors would ``torch.cat`` them onto an empty one, a second copy of
+    the batch's whole cache every time rows join or leave."""
     cache = DynamicCache()
     for index, (keys, values) in enumerate(layers):
-        cache.update(keys, values, index)
+        cache.update(keys[:, :, :0], values[:, :, :0], index)
+        layer = cache.layers[index]
+        assert isinstance(layer, DynamicLayer)  # a DynamicCache() without a config makes full-attention layers
+        layer.keys, layer.values = keys, values
     return cache
